@@ -1,0 +1,5 @@
+"""jaxdream: batched, jit-compiled DeepDream in JAX/Flax."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

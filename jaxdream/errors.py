@@ -1,0 +1,28 @@
+"""The project's own error types.
+
+Every failure a user can cause (a bad image, a hostile checkpoint, a wrong config) surfaces as
+one of these, with a message that names the input and the problem. Anything else escaping is a
+bug in jaxdream.
+"""
+
+from __future__ import annotations
+
+
+class JaxdreamError(Exception):
+    """Base class: an error caused by input, reported to the user as one readable line."""
+
+
+class ImageError(JaxdreamError):
+    """An input image cannot be read, decoded or converted."""
+
+
+class CheckpointError(JaxdreamError):
+    """A checkpoint file is unreadable, malformed, or asks for something we refuse to do."""
+
+
+class ConversionError(JaxdreamError):
+    """A state dict does not fit a model: missing, unexpected or mis-shaped keys."""
+
+
+class ConfigError(JaxdreamError):
+    """A recipe, option or config value is unknown, of the wrong type, or impossible."""
