@@ -1,0 +1,165 @@
+"""Convolution building blocks shared by the model files.
+
+Kernels are stored in JAX's HWIO layout; the converters transpose PyTorch's OIHW once, at load
+time. Batch norm is kept as its four checkpoint tensors (so conversion maps keys one to one) and
+folded into the convolution inside the forward pass, which costs a few hundred flops per channel
+and saves a full elementwise pass over every activation in both the forward and backward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DepthwiseImpl = Literal["grouped", "shifted"]
+
+#: Environment variable that forces one depthwise-convolution form ("grouped" or "shifted").
+DEPTHWISE_ENV = "JAXDREAM_DEPTHWISE"
+
+
+def depthwise_impl() -> DepthwiseImpl:
+    """Which depthwise-convolution form to trace, chosen per backend.
+
+    XLA on CPU runs ``feature_group_count=C`` convolutions 10-30x slower than the same
+    computation written as a sum of shifted slices (measured before the project began; see
+    ``benchmarks/``), while cuDNN and the TPU compiler have fast grouped kernels. The choice is
+    made when a function is traced, so it follows the backend the program is compiled for.
+    """
+    forced = os.environ.get(DEPTHWISE_ENV, "").strip().lower()
+    if forced in ("grouped", "shifted"):
+        return forced  # type: ignore[return-value]
+    return "shifted" if jax.default_backend() == "cpu" else "grouped"
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding for one spatial axis: extra pixel goes after, as in TF."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _shifted_sum(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Valid depthwise correlation of padded ``xp`` with a (kh, kw, 1, C) kernel."""
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    n, h, w, c = xp.shape
+    out_h = (h - kh) // stride + 1
+    out_w = (w - kw) // stride + 1
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            window = jax.lax.slice(
+                xp, (0, i, j, 0),
+                (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                (1, stride, stride, 1))
+            term = window * kernel[i, j, 0]
+            acc = term if acc is None else acc + term
+    assert acc is not None
+    return acc
+
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads) -> jax.Array:
+    """Depthwise convolution as k*k strided slices times per-channel weights.
+
+    XLA fuses the slices and multiply-adds into one loop, which on CPU beats its
+    grouped-convolution kernel by an order of magnitude. The gradient is written by hand for
+    the same reason: autodiff of strided slices gives k*k scatter-like pads, while the true
+    transpose is one more shifted sum over the (dilated) output gradient with a flipped kernel.
+    """
+    (pt, pb), (pl, pr) = pads
+    return _shifted_sum(jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))), kernel, stride)
+
+
+def _depthwise_fwd(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads
+                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _depthwise_shifted(x, kernel, stride, pads), (x, kernel)
+
+
+def _depthwise_bwd(stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array],
+                   dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    (pt, pb), (pl, pr) = pads
+    h, w = x.shape[1], x.shape[2]
+    dilated_h = (dy.shape[1] - 1) * stride + 1
+    dilated_w = (dy.shape[2] - 1) * stride + 1
+    # Dilate dy by the stride and pad so that a stride-1 correlation with the flipped kernel
+    # lands exactly on x's pixels (negative padding crops what falls outside x).
+    z = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
+        (0, 0, 0),
+        (kh - 1 - pt, h - dilated_h + pt, stride - 1),
+        (kw - 1 - pl, w - dilated_w + pl, stride - 1),
+        (0, 0, 0)))
+    dx = _shifted_sum(z, kernel[::-1, ::-1], 1)
+    # The kernel's gradient (unused when dreaming, and then removed by XLA as dead code).
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    dk = jnp.stack([
+        jnp.stack([
+            jnp.sum(jax.lax.slice(
+                xp, (0, i, j, 0),
+                (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
+                 xp.shape[3]), (1, stride, stride, 1)) * dy, axis=(0, 1, 2))
+            for j in range(kw)])
+        for i in range(kh)])[:, :, None, :]
+    return dx, dk.astype(kernel.dtype)
+
+
+_depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, *, groups: int = 1,
+           padding: str | tuple[tuple[int, int], tuple[int, int]] = "SAME") -> jax.Array:
+    """NHWC convolution with an HWIO kernel; depthwise convs take the fastest form per backend.
+
+    ``padding`` is "SAME" (TensorFlow semantics: the odd pixel goes after) or explicit pairs.
+    """
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    if padding == "SAME":
+        pads = (same_padding(x.shape[1], kh, stride), same_padding(x.shape[2], kw, stride))
+    else:
+        pads = padding  # type: ignore[assignment]
+    channels = x.shape[-1]
+    if groups > 1 and groups == channels and kernel.shape[2] == 1 and depthwise_impl() == "shifted":
+        return _depthwise_shifted(x, kernel, stride, pads)  # type: ignore[arg-type]
+    if kh == 1 and kw == 1 and stride == 1 and groups == 1:
+        # A 1x1 convolution is a matrix product over channels; XLA's dot is at least as fast.
+        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+class ConvBN(nnx.Module):
+    """Bias-free convolution followed by inference-mode batch norm and an optional ReLU6."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 *, groups: int = 1, activation: bool = True, eps: float = 1e-3,
+                 rngs: nnx.Rngs):
+        fan_in = kernel_size * kernel_size * (in_channels // groups)
+        init = jax.nn.initializers.normal(stddev=(2.0 / fan_in) ** 0.5)
+        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size,
+                                                     in_channels // groups, out_channels)))
+        self.scale = nnx.Param(jnp.ones((out_channels,)))
+        self.bias = nnx.Param(jnp.zeros((out_channels,)))
+        self.mean = nnx.BatchStat(jnp.zeros((out_channels,)))
+        self.var = nnx.BatchStat(jnp.ones((out_channels,)))
+        self.stride = stride
+        self.groups = groups
+        self.activation = activation
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        factor = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.eps)
+        kernel = self.kernel[...] * factor
+        shift = self.bias[...] - self.mean[...] * factor
+        y = conv2d(x, kernel, self.stride, groups=self.groups) + shift
+        return jax.nn.relu6(y) if self.activation else y
