@@ -10,7 +10,7 @@ and copied into fresh numpy arrays. Before the C unpickler sees a pickle, a pure
 checks that every length it declares is really present and every memo slot is plausible, so a
 hostile file cannot make it allocate gigabytes either.
 
-Both layouts ``torch.save`` has written since 2018 are understood:
+Both layouts ``torch.save`` writes are understood:
 
 * legacy (``_use_new_zipfile_serialization=False``; the default before torch 1.6): five pickles in
   a row (magic number, protocol version, sys info, the object, the list of storage keys), then for
@@ -19,7 +19,7 @@ Both layouts ``torch.save`` has written since 2018 are understood:
   name holding ``data.pkl``, an optional ``byteorder`` record and one ``data/<key>`` record per
   storage.
 
-The pre-1.0 tar layout and TorchScript archives are refused with a message that says so.
+The oldest (tar) layout and TorchScript archives are refused with a message that says so.
 
 Every failure, including a corrupt, truncated or hostile file, surfaces as
 :class:`~jaxdream.errors.CheckpointError` naming the file.
@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import pickletools
+import stat
 import struct
 import sys
 import zipfile
@@ -71,7 +72,7 @@ _READLINE_LIMIT: Final = 2**16
 
 _HASH_CHUNK_BYTES: Final = 2**20
 
-# Exceptions that the stdlib parsers (pickle, pickletools, zipfile, zlib, struct) raise on
+# Exceptions that the stdlib parsers (pickle, zipfile, zlib, struct) raise on
 # malformed input, or that a hostile pickle provokes by combining allowed objects wrongly (e.g.
 # REDUCE on an int gives TypeError, BUILD on a dict AttributeError). They mean "bad file".
 _MALFORMED_INPUT_ERRORS: Final = (
@@ -101,15 +102,25 @@ class _Reject(Exception):
 
 def _quote(text: object, limit: int = 120) -> str:
     """Quote a file-supplied string for an error message, escaped and bounded in length."""
+    if type(text) is not str:
+        return _describe(text)
     shown = repr(text)
     return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
 def _kind(value: object) -> str:
-    """Name a file-supplied value's type for messages without calling its repr (may be huge)."""
-    if isinstance(value, _TensorRef):
-        return "tensor"
-    return type(value).__name__
+    """'a list', 'an int', 'a tensor': a file-supplied value's type, never its (maybe huge) repr."""
+    if value is None:
+        return "None"
+    name = _STAND_IN_NAMES.get(type(value), type(value).__name__)
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _describe(value: object) -> str:
+    """Show small integers themselves (a negative stride says more than 'an int')."""
+    if type(value) is int and abs(value) < 10**30:
+        return str(value)
+    return _kind(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +139,7 @@ class _Inert:
 
     def __setstate__(self, state: object) -> NoReturn:
         raise _Reject(
-            f"the pickle tries to set the state of a {type(self).__name__.lstrip('_')} (BUILD), "
+            f"the pickle tries to set the state of {_kind(self)} (BUILD), "
             "which a state dict never does"
         )
 
@@ -231,15 +242,19 @@ def _arity(qualname: str, args: tuple[object, ...], *counts: int) -> None:
 
 def _count(value: object, what: str) -> int:
     """An element count or offset: a non-negative int, bounded so later products stay sane."""
-    if type(value) is not int or not 0 <= value <= _MAX_ELEMENTS:
-        raise _Reject(f"{what} must be a non-negative integer, got a {_kind(value)}")
+    if type(value) is not int or value < 0:
+        raise _Reject(f"{what} must be a non-negative integer, got {_describe(value)}")
+    if value > _MAX_ELEMENTS:
+        raise _Reject(f"{what} is implausibly large (over 2**62)")
     return value
 
 
 def _counts(value: object, what: str) -> tuple[int, ...]:
-    if type(value) not in (tuple, list) or len(value) > _MAX_NDIM:  # type: ignore[arg-type]
-        raise _Reject(f"tensor {what} must be a tuple of at most {_MAX_NDIM} integers")
-    return tuple(_count(item, f"every tensor {what} entry") for item in value)  # type: ignore[union-attr]
+    if type(value) not in (tuple, list):
+        raise _Reject(f"tensor {what} must be a tuple of integers, got {_kind(value)}")
+    if len(value) > _MAX_NDIM:
+        raise _Reject(f"tensor {what} has {len(value)} dimensions, more than {_MAX_NDIM}")
+    return tuple(_count(item, f"every tensor {what} entry") for item in value)  # type: ignore
 
 
 def _make_tensor(
@@ -252,7 +267,7 @@ def _make_tensor(
 ) -> _TensorRef:
     """Validate a tensor description against its storage, so that reading it later is safe."""
     if not isinstance(storage, _StorageRef):
-        raise _Reject(f"a tensor's storage is a {_kind(storage)}, not a storage from this file")
+        raise _Reject(f"a tensor's storage is {_kind(storage)}, not a storage from this file")
     start = _count(offset, "a tensor's storage offset")
     shape = _counts(size, "size")
     strides = _counts(stride, "stride")
@@ -283,16 +298,16 @@ def _make_tensor(
 
 def _check_flags(requires_grad: object, backward_hooks: object) -> None:
     if type(requires_grad) is not bool:
-        raise _Reject(f"a tensor's requires_grad is a {_kind(requires_grad)}, not a bool")
+        raise _Reject(f"a tensor's requires_grad is {_kind(requires_grad)}, not a bool")
     if not isinstance(backward_hooks, dict):
-        raise _Reject(f"a tensor's backward hooks are a {_kind(backward_hooks)}, not a dict")
+        raise _Reject(f"a tensor's backward hooks are {_kind(backward_hooks)}, not a dict")
 
 
 def _rebuild_tensor(qualname: str, args: tuple[object, ...]) -> _TensorRef:
     _arity(qualname, args, 4)
     storage = args[0]
     if not isinstance(storage, _StorageRef):
-        raise _Reject(f"a tensor's storage is a {_kind(storage)}, not a storage from this file")
+        raise _Reject(f"a tensor's storage is {_kind(storage)}, not a storage from this file")
     return _make_tensor(storage, args[1], args[2], args[3], storage.dtype)
 
 
@@ -301,20 +316,21 @@ def _rebuild_tensor_v2(qualname: str, args: tuple[object, ...]) -> _TensorRef:
     _arity(qualname, args, 6, 7)
     storage = args[0]
     if not isinstance(storage, _StorageRef):
-        raise _Reject(f"a tensor's storage is a {_kind(storage)}, not a storage from this file")
+        raise _Reject(f"a tensor's storage is {_kind(storage)}, not a storage from this file")
     _check_flags(args[4], args[5])
     metadata = args[6] if len(args) == 7 else None
     return _make_tensor(storage, args[1], args[2], args[3], storage.dtype, metadata)
 
 
 def _rebuild_tensor_v3(qualname: str, args: tuple[object, ...]) -> _TensorRef:
-    # (untyped storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype[, metadata])
+    # (untyped storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype
+    #  [, metadata])
     _arity(qualname, args, 7, 8)
     storage, dtype = args[0], args[6]
     if not isinstance(storage, _StorageRef):
-        raise _Reject(f"a tensor's storage is a {_kind(storage)}, not a storage from this file")
+        raise _Reject(f"a tensor's storage is {_kind(storage)}, not a storage from this file")
     if not isinstance(dtype, _DType):
-        raise _Reject(f"{qualname} needs a torch dtype, got a {_kind(dtype)}")
+        raise _Reject(f"{qualname} needs a torch dtype, got {_kind(dtype)}")
     if not storage.untyped and storage.dtype != dtype.dtype:
         raise _Reject(f"{qualname} reads a {storage.dtype} storage as {dtype.dtype}")
     _check_flags(args[4], args[5])
@@ -327,7 +343,7 @@ def _rebuild_parameter(qualname: str, args: tuple[object, ...]) -> _TensorRef:
     # data here; Python attributes in ``state`` carry no weights and are dropped.
     _arity(qualname, args, 4 if qualname.endswith("_with_state") else 3)
     if not isinstance(args[0], _TensorRef):
-        raise _Reject(f"{qualname} wraps a {_kind(args[0])}, not a tensor")
+        raise _Reject(f"{qualname} wraps {_kind(args[0])}, not a tensor")
     _check_flags(args[1], args[2])
     return args[0]
 
@@ -348,6 +364,17 @@ def _torch_device(qualname: str, args: tuple[object, ...]) -> str:
         raise _Reject(f"{qualname} takes a device name and an optional index")
     return args[0] if len(args) == 1 else f"{args[0]}:{args[1]}"
 
+
+# How messages name the stand-ins: in torch's terms, not this module's.
+_STAND_IN_NAMES: Final[Mapping[type, str]] = MappingProxyType(
+    {
+        _TensorRef: "tensor",
+        _StorageRef: "storage",
+        _StorageType: "storage class",
+        _DType: "dtype",
+        _Callable: "function",
+    }
+)
 
 _BFLOAT16: Final = np.dtype(ml_dtypes.bfloat16)
 
@@ -442,7 +469,7 @@ class _Storages:
     def declare(self, pid: object) -> _StorageRef:
         if type(pid) is not tuple or not pid:
             raise _Reject(
-                f"persistent id is a {_kind(pid)}, not a ('storage', ...) tuple; "
+                f"persistent id is {_kind(pid)}, not a ('storage', ...) tuple; "
                 "only tensor storages may live outside the pickle"
             )
         kind = pid[0].decode("ascii") if type(pid[0]) is bytes else pid[0]
@@ -452,18 +479,18 @@ class _Storages:
                 "save model.state_dict() instead"
             )
         if kind != "storage":
-            shown = _quote(kind) if type(kind) is str else f"of type {_kind(kind)}"
+            shown = _quote(kind) if type(kind) is str else f"that is {_kind(kind)}"
             raise _Reject(f"persistent id {shown} is not a tensor storage")
         expected = 6 if self.legacy else 5
         if len(pid) != expected:
             raise _Reject(f"storage persistent id has {len(pid)} fields, expected {expected}")
         storage_type, key, location, numel = pid[1:5]
         if not isinstance(storage_type, _StorageType):
-            raise _Reject(f"storage type is a {_kind(storage_type)}, not a torch storage class")
+            raise _Reject(f"storage type is {_kind(storage_type)}, not a torch storage class")
         if type(key) is not str:
-            raise _Reject(f"storage key is a {_kind(key)}, not a string")
+            raise _Reject(f"storage key is {_kind(key)}, not a string")
         if type(location) not in (str, bytes):
-            raise _Reject(f"storage location is a {_kind(location)}, not a device name")
+            raise _Reject(f"storage location is {_kind(location)}, not a device name")
         numel = _count(numel, f"the element count of storage {_quote(key)}")
         previous = self.declared.setdefault(key, (storage_type, numel))
         if previous[0] is not storage_type or previous[1] != numel:
@@ -513,9 +540,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 class _BoundedReader:
     """File view for the pre-scan: never asks the OS for more than the file holds.
 
-    ``pickletools`` passes a pickle's declared lengths straight to ``read``; a buffered file
-    would allocate that many bytes up front, so a 10-byte file could ask for 2**60. The position
-    is tracked here because ``BufferedReader.tell`` costs a system call per opcode.
+    A pickle's declared lengths would otherwise go straight to ``read``, and a buffered file
+    allocates that many bytes up front, so a 10-byte file could ask for 2**60. The position is
+    tracked here because ``BufferedReader.tell`` costs a system call per opcode.
     """
 
     def __init__(self, file: BinaryIO, size: int) -> None:
@@ -523,14 +550,13 @@ class _BoundedReader:
         self._size = size
         self._pos = file.tell()
 
-    def read(self, n: int = -1) -> bytes:
-        remaining = max(self._size - self._pos, 0)
-        data = self._file.read(remaining if n < 0 or n > remaining else n)
+    def read(self, n: int) -> bytes:
+        data = self._file.read(min(n, max(self._size - self._pos, 0)))
         self._pos += len(data)
         return data
 
-    def readline(self) -> bytes:
-        data = self._file.readline(_READLINE_LIMIT)
+    def readline(self, limit: int) -> bytes:
+        data = self._file.readline(limit)
         self._pos += len(data)
         return data
 
@@ -538,22 +564,87 @@ class _BoundedReader:
         return self._pos
 
 
-_MEMO_PUT_OPCODES: Final = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+# Opcode byte -> pickletools' description (name, argument layout) for every protocol 0-5 opcode.
+_OPCODES: Final = MappingProxyType(
+    {op.code.encode("latin-1")[0]: op for op in pickletools.opcodes}
+)
+_LENGTH_PREFIX: Final = MappingProxyType(
+    {
+        pickletools.TAKEN_FROM_ARGUMENT1: struct.Struct("<B"),
+        pickletools.TAKEN_FROM_ARGUMENT4: struct.Struct("<i"),
+        pickletools.TAKEN_FROM_ARGUMENT4U: struct.Struct("<I"),
+        pickletools.TAKEN_FROM_ARGUMENT8U: struct.Struct("<Q"),
+    }
+)
+_MEMO_INDEX: Final = MappingProxyType(
+    {"BINPUT": struct.Struct("<B"), "LONG_BINPUT": struct.Struct("<I")}
+)
 
 
 def _prescan(file: _BoundedReader | io.BytesIO, what: str) -> None:
-    """Walk one pickle's opcodes up to STOP without building anything.
+    """Walk one pickle's opcodes up to STOP without building or decoding anything.
 
-    This proves every length-prefixed argument is really present (the C unpickler allocates
-    declared lengths before reading) and keeps memo indices within the pickle's own size (the
-    C unpickler sizes its memo table from the largest index, zero-filling it).
+    The C unpickler allocates a declared length before reading it and sizes (and zero-fills) its
+    memo table from the largest index it is given, so a tiny hostile pickle could make it claim
+    gigabytes. This walk proves every declared length is really present and keeps memo indices
+    within the pickle's own size first. It also refuses the protocol-0 STRING opcode, whose
+    escape decoding torch.save never needs. On return the file is positioned right after STOP.
     """
     start = file.tell()
-    for opcode, arg, pos in pickletools.genops(file):
-        if opcode.name in _MEMO_PUT_OPCODES and not 0 <= arg <= pos - start:  # type: ignore[operator]
-            raise _Reject(f"the {what} pickle uses memo slot {arg} out of range")
-        if pos - start > _MAX_PICKLE_BYTES:
+
+    def take(n: int) -> bytes:
+        data = file.read(n)
+        if len(data) != n:
+            raise _Reject(f"is truncated: the {what} pickle ends in the middle of an opcode")
+        return data
+
+    def take_line() -> bytes:
+        line = file.readline(_READLINE_LIMIT)
+        if not line.endswith(b"\n"):
+            raise _Reject(f"the {what} pickle has an unterminated or overlong text argument")
+        return line
+
+    while True:
+        pos = file.tell() - start
+        if pos > _MAX_PICKLE_BYTES:
             raise _Reject(f"the {what} pickle is larger than {_MAX_PICKLE_BYTES} bytes")
+        opcode = file.read(1)
+        if not opcode:
+            raise _Reject(f"is truncated: the {what} pickle ends before its STOP opcode")
+        code = opcode[0]
+        op = _OPCODES.get(code)
+        if op is None:
+            raise _Reject(f"the {what} pickle has an unknown opcode 0x{code:02x} at byte {pos}")
+        if op.name == "STOP":
+            return
+        if op.name == "STRING":
+            raise _Reject(f"the {what} pickle uses the text STRING opcode; torch never writes it")
+        layout = op.arg
+        if layout is None:
+            continue
+        if layout.n >= 0:
+            data = take(layout.n)
+        elif layout.n == pickletools.UP_TO_NEWLINE:
+            data = take_line()
+            if layout is pickletools.stringnl_noescape_pair:  # GLOBAL / INST: module, name
+                take_line()
+        else:
+            prefix = _LENGTH_PREFIX[layout.n]
+            (length,) = prefix.unpack(take(prefix.size))
+            if length < 0:
+                raise _Reject(f"the {what} pickle declares a negative length at byte {pos}")
+            data = take(length)
+        if op.name in _MEMO_INDEX:
+            (index,) = _MEMO_INDEX[op.name].unpack(data)
+        elif op.name == "PUT":
+            try:
+                index = int(data)
+            except ValueError:
+                raise _Reject(f"the {what} pickle has a bad memo index at byte {pos}") from None
+        else:
+            continue
+        if not 0 <= index <= pos:  # a real pickler numbers memo slots 0, 1, 2, ... as it goes
+            raise _Reject(f"the {what} pickle uses memo slot {index} out of range")
 
 
 def _unpickle(data: bytes, storages: _Storages | None) -> object:
@@ -586,9 +677,9 @@ def _is_tensor_dict(value: object) -> bool:
 def _first_non_tensor(value: dict[object, object], where: str) -> str:
     for k, v in value.items():
         if type(k) is not str:
-            return f"{where} has a key of type {_kind(k)}; state dict keys are strings"
+            return f"{where} has a key that is {_kind(k)}; state dict keys are strings"
         if not isinstance(v, _TensorRef):
-            return f"{where}[{_quote(k)}] is a {_kind(v)}, not a tensor"
+            return f"{where}[{_quote(k)}] is {_kind(v)}, not a tensor"
     return f"{where} is not a state dict"  # pragma: no cover - callers pass non-tensor dicts
 
 
@@ -596,7 +687,7 @@ def _select_state_dict(obj: object) -> dict[str, _TensorRef]:
     """Find the name -> tensor mapping, directly or under one conventional wrapper key."""
     if not isinstance(obj, dict):
         raise _Reject(
-            f"holds a {_kind(obj)} at the top level, not a state dict (a dict of name -> tensor)"
+            f"holds {_kind(obj)} at the top level, not a state dict (a dict of name -> tensor)"
         )
     if _is_tensor_dict(obj):
         return obj  # type: ignore[return-value]
@@ -646,7 +737,7 @@ def _swap_unit(dtype: np.dtype) -> int:
 
 def _materialize(ref: _TensorRef, buffer: bytes | None, swap_bytes: bool) -> np.ndarray:
     """Copy one tensor out of its storage bytes into a fresh C-contiguous, writeable array."""
-    if buffer is None or ref.numel == 0:  # empty tensors need (and get) no storage bytes
+    if buffer is None:  # an empty tensor: it needs (and was given) no storage bytes
         return np.zeros(ref.shape, dtype=ref.dtype)
     itemsize = ref.dtype.itemsize
     span = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.strides)) + 1
@@ -672,7 +763,7 @@ def _build(
 ) -> dict[str, np.ndarray]:
     swap = file_order != sys.byteorder
     return {
-        name: _materialize(ref, buffers.get(ref.storage.key) if ref.numel else None, swap)
+        name: _materialize(ref, buffers[ref.storage.key] if ref.numel else None, swap)
         for name, ref in tensors.items()
     }
 
@@ -696,9 +787,10 @@ def _load_legacy(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
     if type(magic) is not int or magic != _MAGIC_NUMBER:
         raise _Reject("is a pickle but not a torch.save file (wrong magic number)")
     version = _next_pickle(file, size, "protocol version", None)
-    if version != _LEGACY_PROTOCOL_VERSION or type(version) is not int:
+    if type(version) is not int or version != _LEGACY_PROTOCOL_VERSION:
         raise _Reject(
-            f"has legacy protocol version {_quote(version)}, expected {_LEGACY_PROTOCOL_VERSION}"
+            f"has legacy protocol version {_describe(version)}, "
+            f"expected {_LEGACY_PROTOCOL_VERSION}"
         )
     # sys_info records the writer's native byte order and C type sizes. torch ignores it on
     # load: legacy storages are always written little-endian with 64-bit counts.
@@ -752,7 +844,9 @@ def _check_member(info: zipfile.ZipInfo, archive_size: int) -> None:
     if info.flag_bits & 0x1:
         raise _Reject(f"entry {name} is encrypted")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise _Reject(f"entry {name} uses compression method {info.compress_type}, not stored/deflate")
+        raise _Reject(
+            f"entry {name} uses compression method {info.compress_type}, not stored or deflate"
+        )
     if info.header_offset + info.compress_size > archive_size:
         raise _Reject(f"entry {name} runs past the end of the file")
     if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
@@ -764,7 +858,8 @@ def _check_member(info: zipfile.ZipInfo, archive_size: int) -> None:
         )
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) -> bytes:
+    _check_member(info, archive_size)
     with zf.open(info) as member:
         data = member.read()
     if len(data) != info.file_size:
@@ -786,13 +881,10 @@ def _load_zip(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
             raise _Reject(
                 "is a TorchScript archive (torch.jit.save), not a torch.save checkpoint of weights"
             )
-        for info in infos.values():
-            _check_member(info, size)
-
         file_order = "little"
         order_info = infos.get(prefix + "byteorder")
         if order_info is not None:
-            raw_order = _read_member(zf, order_info) if order_info.file_size <= 16 else b""
+            raw_order = _read_member(zf, order_info, size) if order_info.file_size <= 16 else b""
             if raw_order not in (b"little", b"big"):
                 raise _Reject("has a byteorder record that is neither 'little' nor 'big'")
             file_order = raw_order.decode("ascii")
@@ -800,7 +892,7 @@ def _load_zip(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
         pickle_info = infos[pickles[0]]
         if pickle_info.file_size > _MAX_PICKLE_BYTES:
             raise _Reject(f"has a data.pkl larger than {_MAX_PICKLE_BYTES} bytes")
-        data = _read_member(zf, pickle_info)
+        data = _read_member(zf, pickle_info, size)
         _prescan(io.BytesIO(data), "data.pkl")
         storages = _Storages(legacy=False)
         tensors = _select_state_dict(_unpickle(data, storages))
@@ -819,15 +911,32 @@ def _load_zip(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
                     f"storage entry {_quote(info.filename)} holds {info.file_size} bytes but "
                     f"the pickle declares {expected}"
                 )
+            _check_member(info, size)
             members[key] = info
         _check_expansion(tensors, sum(info.file_size for info in members.values()))
-        buffers = {key: _read_member(zf, info) for key, info in members.items()}
+        buffers = {key: _read_member(zf, info, size) for key, info in members.items()}
     return _build(tensors, buffers, file_order)
 
 
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
+
+
+def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open for reading, refusing FIFOs and devices, which would block or never end.
+
+    O_NONBLOCK lets ``open`` return at once even for a FIFO, so the check cannot hang; it does
+    not change how a regular file reads.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Reject("is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -854,7 +963,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """
     shown = os.fspath(path)
     try:
-        with open(path, "rb") as file:
+        with _open_regular_file(path) as file:
             size = os.fstat(file.fileno()).st_size
             head = file.read(512)
             file.seek(0)
@@ -865,16 +974,18 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             if head.startswith(b"\x80"):
                 return _load_legacy(file, size)
             if head[257:262] == b"ustar":
-                raise _Reject("is a tar archive (the pre-1.0 torch.save format), not supported")
+                raise _Reject("is a tar archive (the oldest torch.save layout): not supported")
             raise _Reject("is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     except _Reject as exc:
         raise CheckpointError(f"checkpoint {shown}: {exc}") from None
     except OSError as exc:
         raise CheckpointError(f"checkpoint {shown}: cannot be read: {exc.strerror or exc}") from exc
     except _MALFORMED_INPUT_ERRORS as exc:
+        detail = str(exc)
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
         raise CheckpointError(
             f"checkpoint {shown}: is corrupt or not a PyTorch checkpoint "
-            f"({type(exc).__name__}: {exc})"
+            f"({type(exc).__name__}: {detail})"
         ) from exc
 
 
@@ -888,9 +999,11 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     """
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as file:
+        with _open_regular_file(path) as file:
             while chunk := file.read(_HASH_CHUNK_BYTES):
                 digest.update(chunk)
+    except _Reject as exc:
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: {exc}") from None
     except OSError as exc:
         raise CheckpointError(
             f"checkpoint {os.fspath(path)}: cannot be read: {exc.strerror or exc}"
