@@ -21,8 +21,9 @@ from jaxdream.objectives import weighted_l2
 
 Forward = Callable[[jax.Array], Mapping[str, jax.Array]]
 
-#: Guards the normalisation of an all-zero gradient (e.g. every unit of a layer is dead).
-GRAD_EPS = 1e-8
+#: Guards the normalisation of an all-zero gradient (e.g. every unit of a layer is dead)
+#: without biasing small ones: gradients of a mean-of-squares objective can be ~1e-6.
+_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ def gradient_ascent_step(forward: Forward, layers: tuple[str, ...], image: jax.A
         return weighted_l2(forward(x[None]), layers, params.layer_weights)
 
     grad = jax.grad(objective)(rolled)
-    grad = grad * (params.step_size / (jnp.mean(jnp.abs(grad)) + GRAD_EPS))
+    grad = grad * (params.step_size / jnp.maximum(jnp.mean(jnp.abs(grad)), _TINY))
     # Rolling the update back is the same as rolling the image back after the update.
     return jnp.clip(image + jnp.roll(grad, (-shift[0], -shift[1]), axis=(0, 1)), 0.0, 255.0)
 

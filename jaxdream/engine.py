@@ -8,9 +8,12 @@ program is kept for reuse and counted, so a caller can report what compiling cos
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -57,6 +60,37 @@ class CompileStats:
     seconds: float = 0.0
 
 
+#: Compiled programs shared by every Engine in the process, keyed by everything that selects
+#: one: the model's structure, the static settings, and the batch's shapes.
+_PROGRAMS: dict[tuple[Any, ...], Any] = {}
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(graphdef: Any, settings: StaticSettings) -> Any:
+    return jax.jit(partial(_render_batch, graphdef, settings))
+
+
+def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
+    """Keeps compiled programs on disk so that a second run of the same job compiles nothing.
+
+    Compiling the dream for one image size costs seconds on CPU (XLA optimises the whole
+    forward and backward pass); the cache turns that into a file read.
+    """
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def default_cache_dir() -> Path:
+    """``$JAXDREAM_CACHE`` or ``$XDG_CACHE_HOME/jaxdream`` (``~/.cache/jaxdream``)."""
+    explicit = os.environ.get("JAXDREAM_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxdream"
+
+
 class Engine:
     """Dreams batches of same-sized images with one model and one set of static settings."""
 
@@ -66,22 +100,22 @@ class Engine:
         unknown = [name for name in settings.layers if name not in model.spec.endpoints]
         if unknown:
             raise KeyError(f"model {model.spec.name} has no endpoint(s) {unknown}")
-        graphdef, self._state = nnx.split(model.module)
+        self._graphdef, self._state = nnx.split(model.module)
         self.settings = settings
         self.batch_size = batch_size
-        self._jitted = jax.jit(partial(_render_batch, graphdef, settings))
-        self._compiled: dict[tuple[int, ...], Any] = {}
         self.stats = CompileStats()
 
     def _program(self, images: jax.Array, params: SampleParams) -> Any:
-        key = tuple(images.shape)
-        program = self._compiled.get(key)
+        key = (self._graphdef, self.settings, tuple(images.shape),
+               tuple(params.layer_weights.shape))
+        program = _PROGRAMS.get(key)
         if program is None:
             start = time.perf_counter()
-            program = self._jitted.lower(self._state, images, params).compile()
+            program = _jitted(self._graphdef, self.settings).lower(
+                self._state, images, params).compile()
             self.stats.programs += 1
             self.stats.seconds += time.perf_counter() - start
-            self._compiled[key] = program
+            _PROGRAMS[key] = program
         return program
 
     def render(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]) -> list[np.ndarray]:

@@ -30,7 +30,11 @@ def _listing(title: str, items: list[str]) -> str:
 def load_state_dict_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray],
                          key_map: KeyMap, *, ignore: Callable[[str], bool] = lambda k: False,
                          source: str = "checkpoint") -> None:
-    """Fills ``model``'s parameters and batch statistics from ``state_dict`` in place."""
+    """Fills ``model``'s parameters and batch statistics from ``state_dict`` in place.
+
+    ``model`` may be abstract (built under ``nnx.eval_shape``): every leaf is replaced, and a
+    leaf that would stay abstract is reported as unfilled.
+    """
     state = nnx.state(model)
     leaves = {tuple(path): var for path, var in nnx.to_flat_state(state)}
     filled: dict[tuple[str | int, ...], np.ndarray] = {}
@@ -61,7 +65,7 @@ def load_state_dict_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray]
                 mis_shaped.append(f"{key} {tuple(array.shape)} (expected {len(transpose)} dims)")
                 continue
             array = np.transpose(array, transpose)
-        expected = tuple(leaves[target][...].shape)
+        expected = tuple(leaves[target].get_value().shape)
         if tuple(array.shape) != expected:
             wanted = tuple(expected[i] for i in np.argsort(transpose)) if transpose else expected
             mis_shaped.append(f"{key} is {source_shape}, expected {wanted} "
@@ -88,4 +92,4 @@ def load_state_dict_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray]
                               + "\n  ".join(problems))
 
     for path, array in filled.items():
-        leaves[path].set_value(jnp.asarray(array, dtype=leaves[path][...].dtype))
+        leaves[path].set_value(jnp.asarray(array, dtype=leaves[path].get_value().dtype))

@@ -99,21 +99,20 @@ def _depthwise_bwd(stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Arra
         (kw - 1 - pl, w - dilated_w + pl, stride - 1),
         (0, 0, 0)))
     dx = _shifted_sum(z, kernel[::-1, ::-1], 1)
-    # The kernel's gradient (unused when dreaming, and then removed by XLA as dead code).
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    out_h, out_w = dy.shape[1], dy.shape[2]
-    dk = jnp.stack([
-        jnp.stack([
-            jnp.sum(jax.lax.slice(
-                xp, (0, i, j, 0),
-                (xp.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-                 xp.shape[3]), (1, stride, stride, 1)) * dy, axis=(0, 1, 2))
-            for j in range(kw)])
-        for i in range(kh)])[:, :, None, :]
+    # The kernel's gradient, taken from the grouped form: dreaming never asks for it (XLA
+    # removes it as dead code), so it only has to be right, not fast, and cheap to trace.
+    _, kernel_vjp = jax.vjp(lambda k: _depthwise_grouped(x, k, stride, pads), kernel)
+    (dk,) = kernel_vjp(dy)
     return dx, dk.astype(kernel.dtype)
 
 
 _depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def _depthwise_grouped(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, *, groups: int = 1,

@@ -1,0 +1,49 @@
+"""ImageNet classification with a loaded model: how a user checks that weights loaded right."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from jaxdream.models import LoadedModel, imagenet_labels
+
+
+def eval_crop(image: np.ndarray, resize_size: int, crop_size: int) -> np.ndarray:
+    """Standard ImageNet evaluation view: shorter side to ``resize_size`` (bilinear), centre
+    crop ``crop_size``; returns float32 on the 0..255 scale."""
+    height, width = image.shape[:2]
+    scale = resize_size / min(height, width)
+    new_w, new_h = max(crop_size, round(width * scale)), max(crop_size, round(height * scale))
+    resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - crop_size) // 2, (new_h - crop_size) // 2
+    crop = resized.crop((left, top, left + crop_size, top + crop_size))
+    return np.asarray(crop, dtype=np.float32)
+
+
+def _probabilities(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+    logits = nnx.merge(graphdef, state)(images, ["logits"])["logits"]
+    return jax.nn.softmax(logits, axis=-1)
+
+
+_probabilities_jit = jax.jit(_probabilities, static_argnums=0)
+
+
+def classify(model: LoadedModel, images: Sequence[np.ndarray], top: int = 5
+             ) -> list[list[tuple[int, str, float]]]:
+    """Top-``top`` (class index, label, probability) for each H x W x 3 uint8 image."""
+    spec = model.spec
+    batch = jnp.asarray(np.stack([eval_crop(image, spec.resize_size, spec.crop_size)
+                                  for image in images]))
+    graphdef, state = nnx.split(model.module)
+    probs = np.asarray(_probabilities_jit(graphdef, state, batch))
+    labels = imagenet_labels()
+    results = []
+    for row in probs:
+        best = np.argsort(-row)[:top]
+        results.append([(int(i), labels[int(i)], float(row[i])) for i in best])
+    return results

@@ -1,0 +1,210 @@
+"""The ``jaxdream`` command: parses options, builds a recipe, calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxdream import __version__
+from jaxdream.errors import JaxdreamError
+
+#: Extensions picked up when a folder is given as input (files given by name are always tried).
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _expand_inputs(paths: Sequence[str]) -> list[str]:
+    """Files as given; folders become their image files (sorted, not recursive)."""
+    expanded: list[str] = []
+    for path in paths:
+        folder = Path(path)
+        if folder.is_dir():
+            expanded.extend(str(child) for child in sorted(folder.iterdir())
+                            if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file())
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model name (default: efficientnet_lite0, embedded weights)")
+    parser.add_argument("--weights", metavar="FILE", default=None,
+                        help="PyTorch checkpoint to load instead of the embedded weights "
+                             "(read without PyTorch; nothing in it is executed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxdream", description="Batched, jit-compiled DeepDream in JAX.")
+    parser.add_argument("--version", action="version", version=f"jaxdream {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dream = commands.add_parser(
+        "dream", help="dream image files into an output folder",
+        description="Dreams each INPUT (files or folders of images) into OUTDIR as "
+                    "<name>_dream.png. Each PNG stores its full recipe; pass it to --recipe "
+                    "to render the same dream again. Options left out come from --recipe, "
+                    "then from --preset.")
+    dream.add_argument("inputs", nargs="+", metavar="INPUT")
+    dream.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    _add_model_options(dream)
+    dream.add_argument("--preset", default=None, help="named look (default: classic)")
+    dream.add_argument("--recipe", metavar="PNG", default=None,
+                       help="take every setting from a PNG that jaxdream wrote")
+    dream.add_argument("--layers", default=None,
+                       help="endpoints to amplify, optionally weighted: block10 or "
+                            "block8:1,block10:2 (default: the model's own)")
+    dream.add_argument("--octaves", type=int, default=None, help="number of scales (4)")
+    dream.add_argument("--octave-scale", type=float, default=None,
+                       help="size ratio between octaves (1.4)")
+    dream.add_argument("--steps", type=int, default=None, help="gradient steps per octave (10)")
+    dream.add_argument("--step-size", type=float, default=None,
+                       help="mean absolute pixel change per step, on the 0..255 scale (1.5)")
+    dream.add_argument("--jitter", type=int, default=None,
+                       help="largest random shift in pixels before each step (32)")
+    dream.add_argument("--seed", type=int, default=None, help="random seed for jitter (0)")
+    dream.add_argument("--max-side", type=int, default=None,
+                       help="downscale so the longer side is at most this; 0 keeps the "
+                            "input's size (1024)")
+    dream.add_argument("--batch-size", type=int, default=4,
+                       help="images of equal size dreamed together in one call (4)")
+    dream.add_argument("--overwrite", action="store_true",
+                       help="replace outputs that already exist (default: skip them)")
+    dream.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    classify = commands.add_parser(
+        "classify", help="print the top ImageNet classes of images",
+        description="Prints the top-K ImageNet labels of each image: a quick check that "
+                    "weights loaded correctly.")
+    classify.add_argument("inputs", nargs="+", metavar="IMAGE")
+    _add_model_options(classify)
+    classify.add_argument("--top", type=int, default=5, help="how many labels (5)")
+    return parser
+
+
+def _recipe_from_args(args: argparse.Namespace):  # -> tuple[Recipe, str | None]
+    from jaxdream.images import read_recipe
+    from jaxdream.models import DEFAULT_MODEL, get_spec
+    from jaxdream.recipe import PRESETS, Recipe, recipe_from_json
+
+    recipe_sha: str | None = None
+    if args.recipe is not None:
+        base, recipe_sha = recipe_from_json(read_recipe(args.recipe), f"recipe {args.recipe}")
+        if args.preset is not None:
+            raise JaxdreamError("--preset and --recipe both set the whole recipe; give one")
+    else:
+        name = args.preset or "classic"
+        if name not in PRESETS:
+            raise JaxdreamError(f"--preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        base = PRESETS[name]
+    overrides = {
+        "model": args.model, "octaves": args.octaves, "octave_scale": args.octave_scale,
+        "steps": args.steps, "step_size": args.step_size, "jitter": args.jitter,
+        "seed": args.seed,
+    }
+    recipe: Recipe = dataclasses.replace(
+        base, **{key: value for key, value in overrides.items() if value is not None})
+    if args.max_side is not None:
+        recipe = dataclasses.replace(recipe, max_side=args.max_side or None)
+    if args.model is None and args.recipe is None:
+        recipe = dataclasses.replace(recipe, model=DEFAULT_MODEL)
+    spec = get_spec(recipe.model)
+    if args.layers is not None:
+        recipe = recipe.with_layers(args.layers, list(spec.endpoints))
+    elif recipe.layers is None or (args.model is not None and args.recipe is not None
+                                   and args.model != base.model):
+        recipe = recipe.with_layers(spec.default_layers, list(spec.endpoints))
+    else:
+        recipe = recipe.with_layers(recipe.layers_text, list(spec.endpoints))
+    return recipe.validate("options"), recipe_sha
+
+
+def _use_compilation_cache() -> None:
+    from jaxdream.engine import default_cache_dir, enable_compilation_cache
+
+    try:
+        enable_compilation_cache(default_cache_dir() / "xla")
+    except OSError as error:  # a read-only home must not stop a dream, only slow it
+        print(f"warning: compilation cache disabled: {error}", file=sys.stderr)
+
+
+def _run_dream(args: argparse.Namespace) -> int:
+    from jaxdream.models import load_model
+    from jaxdream.render import dream_files
+
+    _use_compilation_cache()
+    recipe, recipe_sha = _recipe_from_args(args)
+    if args.batch_size < 1:
+        raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model = load_model(recipe.model, args.weights)
+    if recipe_sha is not None and recipe_sha != model.weights_sha256:
+        raise JaxdreamError(
+            f"recipe {args.recipe} was rendered with weights sha256 {recipe_sha[:16]}..., "
+            f"but the loaded weights are {model.weights_sha256[:16]}...; pass --weights with "
+            f"the matching file")
+    inputs = _expand_inputs(args.inputs)
+    if not inputs:
+        raise JaxdreamError("no input images found")
+    start = time.perf_counter()
+    report = dream_files(inputs, args.output, recipe, model, batch_size=args.batch_size,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    outcomes = report.outcomes
+    done = sum(o.status == "done" for o in outcomes)
+    failed = sum(o.status == "failed" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    print(f"dreamed {done} image(s) into {args.output} ({failed} failed, {skipped} skipped) "
+          f"in {time.perf_counter() - start:.1f} s; layers {recipe.layers_text}, "
+          f"{recipe.octaves} octaves x {recipe.steps} steps; compiled "
+          f"{report.compile_stats.programs} program(s) in {report.compile_stats.seconds:.1f} s",
+          file=sys.stderr)
+    for outcome in outcomes:
+        if outcome.status == "done":
+            print(outcome.output)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    from jaxdream.classify import classify
+    from jaxdream.images import load_rgb
+    from jaxdream.models import DEFAULT_MODEL, load_model
+
+    if args.top < 1:
+        raise JaxdreamError(f"--top must be at least 1, got {args.top}")
+    _use_compilation_cache()
+    model = load_model(args.model or DEFAULT_MODEL, args.weights)
+    failed = 0
+    for path in _expand_inputs(args.inputs):
+        try:
+            image = load_rgb(path)
+        except JaxdreamError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        print(path)
+        for index, label, probability in classify(model, [image], top=args.top)[0]:
+            print(f"  {probability:6.3f}  {label} ({index})")
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "dream":
+            return _run_dream(args)
+        return _run_classify(args)
+    except JaxdreamError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are complete, none is partial", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""A dream's full recipe: presets, validation, and the JSON stored in every output PNG.
+
+A recipe holds every value that decides the pixels (model, weights identity, layers, octaves,
+steps, step size, jitter, seed, max side), so ``jaxdream dream INPUT --recipe OUT.png``
+reproduces an output exactly. Values are checked here, once, with errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from jaxdream import __version__
+from jaxdream.dream import StaticSettings
+from jaxdream.engine import ItemParams
+from jaxdream.errors import ConfigError
+from jaxdream.objectives import format_layers, parse_layers
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a dream's pixels, apart from the input image itself."""
+
+    model: str = "efficientnet_lite0"
+    #: (endpoint, weight) pairs; ``None`` means the model's default layer.
+    layers: tuple[tuple[str, float], ...] | None = None
+    octaves: int = 4
+    octave_scale: float = 1.4
+    steps: int = 10
+    step_size: float = 1.5
+    jitter: int = 32
+    seed: int = 0
+    #: Longer side of the image the dream runs at; ``None`` keeps the input's size.
+    max_side: int | None = 1024
+    preset: str = "classic"
+
+    def validate(self, source: str = "recipe") -> Recipe:
+        """Returns self if every value is possible, else raises ConfigError naming the key."""
+
+        def bad(key: str, reason: str) -> ConfigError:
+            return ConfigError(f"{source}: {key}: {reason}")
+
+        checks: list[tuple[str, Any, type | tuple[type, ...]]] = [
+            ("octaves", self.octaves, int), ("steps", self.steps, int),
+            ("jitter", self.jitter, int), ("seed", self.seed, int),
+            ("octave_scale", self.octave_scale, (int, float)),
+            ("step_size", self.step_size, (int, float)),
+        ]
+        for key, value, kind in checks:
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise bad(key, f"expected a number, got {value!r}")
+        if self.octaves < 1 or self.octaves > 12:
+            raise bad("octaves", f"must be between 1 and 12, got {self.octaves}")
+        if not (math.isfinite(self.octave_scale) and 1.0 < self.octave_scale <= 4.0):
+            raise bad("octave_scale", f"must be above 1 and at most 4, got {self.octave_scale}")
+        if self.steps < 1 or self.steps > 10_000:
+            raise bad("steps", f"must be between 1 and 10000, got {self.steps}")
+        if not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise bad("step_size", f"must be a positive number, got {self.step_size}")
+        if self.jitter < 0 or self.jitter > 4096:
+            raise bad("jitter", f"must be between 0 and 4096 pixels, got {self.jitter}")
+        if self.seed < 0 or self.seed > MAX_SEED:
+            raise bad("seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.max_side is not None and (isinstance(self.max_side, bool)
+                                          or not isinstance(self.max_side, int)
+                                          or self.max_side < 16):
+            raise bad("max_side", f"must be an integer of at least 16 (or 0 for the "
+                                  f"input's own size), got {self.max_side!r}")
+        if self.layers is not None and not self.layers:
+            raise bad("layers", "is empty")
+        return self
+
+    def with_layers(self, text: str, known: list[str]) -> Recipe:
+        try:
+            layers = parse_layers(text, known)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (model {self.model})") from None
+        return dataclasses.replace(self, layers=tuple(layers.items()))
+
+    def static_settings(self) -> StaticSettings:
+        assert self.layers is not None, "resolve the default layer first"
+        return StaticSettings(layers=tuple(name for name, _ in self.layers),
+                              octaves=self.octaves, octave_scale=float(self.octave_scale),
+                              steps=self.steps)
+
+    def item_params(self) -> ItemParams:
+        assert self.layers is not None, "resolve the default layer first"
+        return ItemParams(step_size=float(self.step_size), jitter=self.jitter, seed=self.seed,
+                          layer_weights=tuple(float(w) for _, w in self.layers))
+
+    def to_json(self, *, weights_sha256: str, extra: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """The JSON object embedded in output PNGs."""
+        assert self.layers is not None
+        data: dict[str, Any] = {
+            "jaxdream": __version__,
+            "model": self.model,
+            "weights_sha256": weights_sha256,
+            "layers": {name: float(weight) for name, weight in self.layers},
+            "octaves": self.octaves,
+            "octave_scale": float(self.octave_scale),
+            "steps": self.steps,
+            "step_size": float(self.step_size),
+            "jitter": self.jitter,
+            "seed": self.seed,
+            "max_side": self.max_side,
+            "preset": self.preset,
+        }
+        if extra:
+            data.update(extra)
+        return data
+
+    @property
+    def layers_text(self) -> str:
+        return format_layers(dict(self.layers or ()))
+
+
+#: Well-known looks. ``classic`` is google/deepdream's dream.ipynb, value for value.
+PRESETS: dict[str, Recipe] = {
+    "classic": Recipe(preset="classic"),
+}
+
+#: Keys of a recipe JSON that describe where it came from rather than the dream itself.
+_META_KEYS = {"jaxdream", "weights_sha256", "weights", "input"}
+_FIELDS = {field.name for field in dataclasses.fields(Recipe)}
+
+
+def recipe_from_json(data: Mapping[str, Any], source: str) -> tuple[Recipe, str | None]:
+    """Parses a recipe JSON (as stored in a PNG); returns it and its weights SHA-256."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: recipe is not a JSON object")
+    unknown = sorted(set(data) - _FIELDS - _META_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown recipe key(s) {unknown}")
+    preset_name = data.get("preset", "classic")
+    if preset_name not in PRESETS:
+        raise ConfigError(f"{source}: preset: unknown preset {preset_name!r}")
+    values = {key: data[key] for key in _FIELDS if key in data}
+    layers = values.pop("layers", None)
+    if layers is not None:
+        if (not isinstance(layers, Mapping) or not layers
+                or not all(isinstance(k, str) for k in layers)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in layers.values())):
+            raise ConfigError(f"{source}: layers: expected an object of endpoint -> weight")
+        values["layers"] = tuple((name, float(weight)) for name, weight in layers.items())
+    if not isinstance(values.get("model", ""), str):
+        raise ConfigError(f"{source}: model: expected a name")
+    recipe = dataclasses.replace(PRESETS[preset_name], **values).validate(source)
+    sha = data.get("weights_sha256")
+    return recipe, sha if isinstance(sha, str) else None

@@ -1,0 +1,163 @@
+"""EfficientNet-Lite: layers, endpoints, strict conversion, and the real weights on real photos."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxdream.classify import classify
+from jaxdream.errors import ConversionError
+from jaxdream.images import load_rgb
+from jaxdream.models import MODELS, LoadedModel, imagenet_labels
+from jaxdream.models import layers as L
+from jaxdream.models.checkpoint import load_state_dict
+from jaxdream.models.convert import load_state_dict_into
+
+from conftest import EXAMPLES
+
+
+@pytest.mark.parametrize(("height", "width", "kernel", "stride"),
+                         [(9, 10, 3, 1), (9, 10, 3, 2), (8, 11, 5, 2), (7, 7, 5, 1), (6, 9, 3, 2)])
+def test_shifted_depthwise_equals_grouped_conv_with_gradients(height: int, width: int,
+                                                             kernel: int, stride: int) -> None:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, height, width, 4)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 4)), jnp.float32)
+    pads = (L.same_padding(height, kernel, stride), L.same_padding(width, kernel, stride))
+    y_ref = L._depthwise_grouped(x, k, stride, pads)
+    y = L._depthwise_shifted(x, k, stride, pads)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+
+    def loss(fn):  # type: ignore[no-untyped-def]
+        return lambda x, k: jnp.sum(fn(x, k, stride, pads) * cotangent)
+
+    gx_ref, gk_ref = jax.grad(loss(L._depthwise_grouped), (0, 1))(x, k)
+    gx, gk = jax.grad(loss(L._depthwise_shifted), (0, 1))(x, k)
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-5)
+    np.testing.assert_allclose(gk, gk_ref, atol=1e-4)
+
+
+def test_same_padding_is_tensorflows() -> None:
+    assert L.same_padding(224, 3, 2) == (0, 1)  # TF puts the odd pixel after
+    assert L.same_padding(225, 3, 2) == (1, 1)
+    assert L.same_padding(10, 5, 1) == (2, 2)
+    assert L.same_padding(10, 1, 1) == (0, 0)
+
+
+def test_both_depthwise_forms_give_the_same_network(tiny_model: LoadedModel,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    x = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (1, 37, 29, 3)), jnp.float32)
+    results = {}
+    for form in ("shifted", "grouped"):
+        monkeypatch.setenv(L.DEPTHWISE_ENV, form)
+        assert L.depthwise_impl() == form
+        results[form] = jax.jit(lambda x: tiny_model.module(x))(x)
+    for name in results["grouped"]:
+        np.testing.assert_allclose(results["shifted"][name], results["grouped"][name],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_endpoints_match_their_table(tiny_model: LoadedModel) -> None:
+    x = jnp.zeros((1, 64, 48, 3))
+    out = jax.eval_shape(lambda x: tiny_model.module(x), x)
+    table = tiny_model.spec.endpoints
+    assert list(table) == ["stem", "block0", "block1", "block2", "head", "logits"]
+    assert set(out) == set(table)
+    for name, (channels, stride) in table.items():
+        if stride:
+            assert out[name].shape == (1, -(-64 // stride), -(-48 // stride), channels), name
+    assert out["logits"].shape == (1, 10)
+
+
+def test_lite0_endpoint_table() -> None:
+    table = MODELS["efficientnet_lite0"].endpoints
+    assert [f"block{i}" for i in range(16)] == [n for n in table if n.startswith("block")]
+    assert table["block10"] == (112, 16) and table["block15"] == (320, 32)
+    assert table["head"] == (1280, 32)
+
+
+def test_forward_stops_at_the_deepest_requested_endpoint(tiny_model: LoadedModel) -> None:
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def convolutions(endpoints: list[str]) -> int:
+        jaxpr = jax.make_jaxpr(lambda x: tiny_model.module(x, endpoints))(x)
+        return str(jaxpr).count("conv_general_dilated") + str(jaxpr).count("dot_general")
+
+    assert convolutions(["stem"]) < convolutions(["block1"]) < convolutions(["block2"])
+    assert convolutions(["block1", "stem"]) == convolutions(["block1"])
+    assert set(jax.eval_shape(lambda x: tiny_model.module(x, ["block1", "stem"]), x)) == {
+        "stem", "block1"}
+    with pytest.raises(KeyError, match="block7"):
+        tiny_model.module(x, ["block7"])
+
+
+def _fake_lite0_state_dict() -> dict[str, np.ndarray]:
+    spec = MODELS["efficientnet_lite0"]
+    module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
+    leaves = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(module))}
+    state_dict: dict[str, np.ndarray] = {}
+    for target, key, transpose in spec.key_map:
+        shape = leaves[target].get_value().shape
+        if transpose is not None:
+            shape = tuple(shape[i] for i in np.argsort(transpose))
+        state_dict[key] = np.full(shape, 0.5, np.float32)
+    return state_dict
+
+
+def test_conversion_reports_every_problem_at_once() -> None:
+    spec = MODELS["efficientnet_lite0"]
+    state_dict = _fake_lite0_state_dict()
+    del state_dict["_fc.bias"]
+    del state_dict["_blocks.3._bn1.running_var"]
+    state_dict["_blocks.16._expand_conv.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    state_dict["_conv_stem.weight"] = np.zeros((32, 3, 5, 5), np.float32)
+    module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
+    with pytest.raises(ConversionError) as error:
+        load_state_dict_into(module, state_dict, spec.key_map, ignore=spec.ignore_key)
+    message = str(error.value)
+    assert "missing keys (2): _blocks.3._bn1.running_var, _fc.bias" in message
+    assert "unexpected keys (1): _blocks.16._expand_conv.weight" in message
+    assert "_conv_stem.weight is (32, 3, 5, 5), expected (32, 3, 3, 3)" in message
+
+
+def test_conversion_fills_every_parameter_exactly() -> None:
+    spec = MODELS["efficientnet_lite0"]
+    state_dict = _fake_lite0_state_dict()
+    state_dict["_blocks.3._depthwise_conv.weight"] = np.arange(
+        144 * 25, dtype=np.float32).reshape(144, 1, 5, 5)
+    module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
+    load_state_dict_into(module, state_dict, spec.key_map, ignore=spec.ignore_key)
+    kernel = np.asarray(module.blocks[3].depthwise.kernel.get_value())  # type: ignore[attr-defined]
+    # OIHW (144, 1, 5, 5) -> HWIO (5, 5, 1, 144): element [c, 0, i, j] lands at [i, j, 0, c].
+    assert kernel.shape == (5, 5, 1, 144)
+    assert kernel[2, 4, 0, 7] == state_dict["_blocks.3._depthwise_conv.weight"][7, 0, 2, 4]
+    for _, var in nnx.to_flat_state(nnx.state(module)):
+        assert isinstance(var.get_value(), jax.Array), "a leaf was left abstract"
+
+
+def test_the_embedded_checkpoint_fits_exactly(real_model: LoadedModel) -> None:
+    path = MODELS["efficientnet_lite0"].embedded_weights()
+    assert path is not None
+    state_dict = load_state_dict(path)
+    assert len(state_dict) == 296
+    used = {key for _, key, _ in real_model.spec.key_map}
+    assert set(state_dict) - used == {k for k in state_dict if k.endswith("num_batches_tracked")}
+    assert real_model.weights_sha256.startswith("57934424")
+
+
+def test_labels_are_imagenets() -> None:
+    labels = imagenet_labels()
+    assert len(labels) == 1000
+    assert labels[285] == "Egyptian cat" and labels[967] == "espresso" and labels[0] == "tench"
+
+
+def test_real_weights_recognise_the_sample_photos(real_model: LoadedModel) -> None:
+    cat, coffee = (load_rgb(EXAMPLES / name) for name in ("chelsea.jpg", "coffee.jpg"))
+    cat_top, coffee_top = classify(real_model, [cat, coffee], top=3)
+    assert cat_top[0][0] in range(281, 286), cat_top  # tabby, tiger, Persian, Siamese, Egyptian
+    assert coffee_top[0][0] in (967, 968), coffee_top  # espresso, cup
+    assert coffee_top[0][2] > 0.5
