@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     dream.add_argument("--max-side", type=int, default=None,
                        help="downscale so the longer side is at most this; 0 keeps the "
                             "input's size (1024)")
-    dream.add_argument("--batch-size", type=int, default=4,
-                       help="images of equal size dreamed together in one call (4)")
+    dream.add_argument("--batch-size", type=int, default=None,
+                       help="images of equal size dreamed together in one compiled call "
+                            "(default: 1 on CPU, where batching does not pay, 8 on GPU/TPU)")
     dream.add_argument("--overwrite", action="store_true",
                        help="replace outputs that already exist (default: skip them)")
     dream.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -135,12 +136,15 @@ def _use_compilation_cache() -> None:
 
 
 def _run_dream(args: argparse.Namespace) -> int:
+    from jaxdream.engine import default_batch_size
     from jaxdream.models import load_model
     from jaxdream.render import dream_files
 
     _use_compilation_cache()
     recipe, recipe_sha = _recipe_from_args(args)
-    if args.batch_size < 1:
+    if args.batch_size is None:
+        args.batch_size = default_batch_size()
+    elif args.batch_size < 1:
         raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
     model = load_model(recipe.model, args.weights)
     if recipe_sha is not None and recipe_sha != model.weights_sha256:

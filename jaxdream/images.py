@@ -346,8 +346,13 @@ def _decode(fp: IO[bytes], name: str, *, max_side: int | None, max_pixels: int) 
             raise _fail(name, f"cannot convert pixel mode {img.mode!r} to RGB ({_one_line(exc)})") from exc
 
         # --- size ---
-        if max_side is not None and max(rgb.size) > max_side:
-            rgb = rgb.resize(_fit_longer_side(*rgb.size, max_side), Image.Resampling.LANCZOS)
+        if max_side is not None and max(width, height) > max_side:
+            # The target comes from the file's full size, not the JPEG draft's reduced one, so
+            # the output size never depends on how the decoder took its shortcut.
+            target = _fit_longer_side(width, height, max_side)
+            if (rgb.size[0] > rgb.size[1]) != (target[0] > target[1]) and rgb.size[0] != rgb.size[1]:
+                target = (target[1], target[0])  # EXIF rotated the image by 90 degrees
+            rgb = rgb.resize(target, Image.Resampling.LANCZOS)
 
         out = np.array(rgb, dtype=np.uint8)  # a fresh, writable, C-contiguous copy
     if out.ndim != 3 or out.shape[2] != 3:  # pragma: no cover - guards our own conversion code

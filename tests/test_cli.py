@@ -1,0 +1,199 @@
+"""End to end through ``jaxdream`` with the real embedded model, at thumbnail sizes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdream import __version__
+from jaxdream.cli import main
+from jaxdream.images import read_recipe
+from jaxdream.models import MODELS
+
+from conftest import EXAMPLES
+
+#: Small and quick, but a real dream: two octaves of the real network.
+FAST = ["--max-side", "64", "--octaves", "2", "--steps", "2", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def _private_compile_cache(tmp_path_factory: pytest.TempPathFactory,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAXDREAM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_dream_renders_good_inputs_and_reports_each_bad_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((EXAMPLES.parent / "examples" / "chelsea.jpg").read_bytes()[:2000])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    out = tmp_path / "out"
+    code = main(["dream", str(EXAMPLES / "chelsea.jpg"), str(tmp_path / "missing.jpg"),
+                 str(broken), str(text), str(EXAMPLES / "coffee.jpg"), "-o", str(out), *FAST])
+    captured = capsys.readouterr()
+    assert code == 1, "a failed input must show in the exit status"
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, captured.err
+    for name in ("missing.jpg", "broken.png", "notes.jpg"):
+        assert sum(name in line for line in errors) == 1, (name, errors)
+    assert "dreamed 2 image(s)" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea_dream.png", "coffee_dream.png"]
+
+    recipe = read_recipe(out / "chelsea_dream.png")
+    assert recipe["jaxdream"] == __version__
+    assert recipe["model"] == "efficientnet_lite0"
+    assert recipe["weights_sha256"].startswith("57934424")
+    assert recipe["layers"] == {MODELS["efficientnet_lite0"].default_layers: 1.0}
+    assert {k: recipe[k] for k in ("octaves", "octave_scale", "steps", "step_size", "jitter",
+                                   "seed", "max_side", "preset")} == {
+        "octaves": 2, "octave_scale": 1.4, "steps": 2, "step_size": 1.5, "jitter": 32,
+        "seed": 0, "max_side": 64, "preset": "classic"}
+    assert recipe["input"]["name"] == "chelsea.jpg" and len(recipe["input"]["sha256"]) == 64
+    dreamed = _pixels(out / "chelsea_dream.png")
+    assert dreamed.shape == (43, 64, 3)
+    original = np.asarray(Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize((64, 43)))
+    assert np.abs(dreamed.astype(float) - original).mean() > 3, "the dream changed nothing"
+
+
+def test_recipe_rerenders_the_same_image_and_runs_are_byte_identical(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    options = ["--seed", "7", "--step-size", "2.5", "--jitter", "12",
+               "--layers", "block8:1,block10:2", *FAST]
+    photo = str(EXAMPLES / "chelsea.jpg")
+    assert main(["dream", photo, "-o", str(tmp_path / "a"), *options]) == 0
+    assert main(["dream", photo, "-o", str(tmp_path / "b"), *options]) == 0
+    first, second = tmp_path / "a" / "chelsea_dream.png", tmp_path / "b" / "chelsea_dream.png"
+    assert first.read_bytes() == second.read_bytes()
+
+    assert main(["dream", photo, "-o", str(tmp_path / "c"), "--recipe", str(first), "-q"]) == 0
+    again = tmp_path / "c" / "chelsea_dream.png"
+    np.testing.assert_array_equal(_pixels(again), _pixels(first))
+    assert read_recipe(again) == read_recipe(first)
+    assert read_recipe(first)["layers"] == {"block8": 1.0, "block10": 2.0}
+
+    # A recipe is a starting point: an explicit option overrides it.
+    assert main(["dream", photo, "-o", str(tmp_path / "d"), "--recipe", str(first),
+                 "--seed", "8", "-q"]) == 0
+    changed = tmp_path / "d" / "chelsea_dream.png"
+    assert read_recipe(changed)["seed"] == 8
+    assert not np.array_equal(_pixels(changed), _pixels(first))
+    capsys.readouterr()
+
+
+def test_outputs_never_overwrite_inputs_and_existing_outputs_are_kept(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "chelsea.jpg", folder / "cat.jpg")
+    shutil.copy(EXAMPLES / "coffee.jpg", folder / "cat_dream.png")  # looks like an output
+    (folder / "readme.txt").write_text("not picked up from a folder")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    assert main(["dream", str(folder), "-o", str(folder), *FAST]) == 0
+    for name, data in before.items():
+        assert (folder / name).read_bytes() == data, f"input {name} was overwritten"
+    new = sorted(set(p.name for p in folder.iterdir()) - set(before))
+    assert len(new) == 2 and "cat_dream_dream.png" in new
+    assert all(name.startswith("cat_") and name.endswith("_dream.png") for name in new)
+    capsys.readouterr()
+
+    stamp = {name: (folder / name).stat().st_mtime_ns for name in new}
+    assert main(["dream", str(folder / "cat.jpg"), str(folder / "cat_dream.png"),
+                 "-o", str(folder), *FAST]) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert {name: (folder / name).stat().st_mtime_ns for name in new} == stamp
+
+
+def test_colliding_names_get_distinct_deterministic_outputs(tmp_path: Path) -> None:
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(EXAMPLES / "chelsea.jpg", tmp_path / sub / "cat.jpg")
+    inputs = [str(tmp_path / "a" / "cat.jpg"), str(tmp_path / "b" / "cat.jpg")]
+    assert main(["dream", *inputs, "-o", str(tmp_path / "out"), *FAST]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(names) == 2 and names[0] != names[1]
+    assert main(["dream", *inputs, "-o", str(tmp_path / "out2"), *FAST]) == 0
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == names
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--steps", "0"], "steps"),
+    (["--octave-scale", "1.0"], "octave_scale"),
+    (["--step-size", "0"], "step_size"),
+    (["--layers", "block99"], "unknown endpoint 'block99'"),
+    (["--layers", "block8:x"], "block8:x"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--model", "nope"], "unknown model"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--weights", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
+])
+def test_impossible_options_are_one_clear_error(option: list[str], message: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["dream", str(EXAMPLES / "chelsea.jpg"), "-o", str(tmp_path / "o"), *option])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_hostile_weights_file_is_refused_without_effect(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    sentinel = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, (f"touch {sentinel}",))
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(pickle.dumps({"_conv_stem.weight": Exploit()}))
+    code = main(["classify", str(EXAMPLES / "chelsea.jpg"), "--weights", str(weights)])
+    err = capsys.readouterr().err
+    assert code == 2 and "system" in err and "weights.pth" in err
+    assert not sentinel.exists()
+
+
+def test_weights_option_loads_a_checkpoint_file(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = MODELS["efficientnet_lite0"].embedded_weights()
+    assert path is not None
+    copy = tmp_path / "lite0.pth"
+    shutil.copy(path, copy)
+    assert main(["dream", str(EXAMPLES / "coffee.jpg"), "-o", str(tmp_path / "o"),
+                 "--weights", str(copy), *FAST]) == 0
+    assert read_recipe(tmp_path / "o" / "coffee_dream.png")["weights"] == "lite0.pth"
+    capsys.readouterr()
+
+
+def test_classify_prints_top_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    code = main(["classify", str(EXAMPLES / "coffee.jpg"), str(empty), "--top", "3"])
+    captured = capsys.readouterr()
+    assert code == 1 and "empty.jpg" in captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].endswith("coffee.jpg") and len(lines) == 4
+    assert "espresso (967)" in lines[1]
+
+
+def test_the_console_script_is_installed() -> None:
+    script = shutil.which("jaxdream", path=os.path.dirname(sys.executable))
+    assert script is not None, "pip install did not create the jaxdream command"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"jaxdream {__version__}"
+    result = subprocess.run([script, "dream"], capture_output=True, text=True)
+    assert result.returncode == 2 and "INPUT" in result.stderr
