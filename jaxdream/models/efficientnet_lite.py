@@ -96,7 +96,7 @@ class MBConv(nnx.Module):
                        if spec.expand_ratio != 1 else None)
         self.depthwise = ConvBN(hidden, hidden, spec.kernel, spec.stride, groups=hidden,
                                 rngs=rngs)
-        self.project = ConvBN(hidden, spec.out_channels, 1, activation=False, rngs=rngs)
+        self.project = ConvBN(hidden, spec.out_channels, 1, activation=None, rngs=rngs)
         self.residual = spec.stride == 1 and spec.in_channels == spec.out_channels
 
     def __call__(self, x: jax.Array) -> jax.Array:

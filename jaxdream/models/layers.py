@@ -129,7 +129,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, *, groups: int = 1,
     channels = x.shape[-1]
     if groups > 1 and groups == channels and kernel.shape[2] == 1 and depthwise_impl() == "shifted":
         return _depthwise_shifted(x, kernel, stride, pads)  # type: ignore[arg-type]
-    if kh == 1 and kw == 1 and stride == 1 and groups == 1:
+    if kh == 1 and kw == 1 and stride == 1 and groups == 1 and not any(sum(pads, ())):
         # A 1x1 convolution is a matrix product over channels; XLA's dot is at least as fast.
         return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
     return jax.lax.conv_general_dilated(
@@ -137,16 +137,43 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, *, groups: int = 1,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
+Activation = Literal["relu", "relu6"] | None
+Padding = Literal["SAME"] | int
+
+
+def activate(x: jax.Array, activation: Activation) -> jax.Array:
+    if activation == "relu":
+        return jax.nn.relu(x)
+    if activation == "relu6":
+        return jax.nn.relu6(x)
+    return x
+
+
+def _pads(padding: Padding, x: jax.Array, kernel_size: int, stride: int) -> Pads:
+    """TF "SAME" padding or PyTorch's symmetric ``padding=p``, as explicit pairs."""
+    if padding == "SAME":
+        return (same_padding(x.shape[1], kernel_size, stride),
+                same_padding(x.shape[2], kernel_size, stride))
+    return ((padding, padding), (padding, padding))
+
+
+def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
+    fan_in = shape[0] * shape[1] * shape[2]
+    return jax.nn.initializers.normal(stddev=(2.0 / fan_in) ** 0.5)(rngs.params(), shape)
+
+
 class ConvBN(nnx.Module):
-    """Bias-free convolution followed by inference-mode batch norm and an optional ReLU6."""
+    """Bias-free convolution, inference-mode batch norm, then an optional activation.
+
+    ``padding`` is "SAME" (TensorFlow-trained weights such as EfficientNet-Lite's) or an int
+    (PyTorch's symmetric padding, as in torchvision's models).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 *, groups: int = 1, activation: bool = True, eps: float = 1e-3,
-                 rngs: nnx.Rngs):
-        fan_in = kernel_size * kernel_size * (in_channels // groups)
-        init = jax.nn.initializers.normal(stddev=(2.0 / fan_in) ** 0.5)
-        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size,
-                                                     in_channels // groups, out_channels)))
+                 *, groups: int = 1, activation: Activation = "relu6", eps: float = 1e-3,
+                 padding: Padding = "SAME", rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_he_normal(rngs, (kernel_size, kernel_size,
+                                                  in_channels // groups, out_channels)))
         self.scale = nnx.Param(jnp.ones((out_channels,)))
         self.bias = nnx.Param(jnp.zeros((out_channels,)))
         self.mean = nnx.BatchStat(jnp.zeros((out_channels,)))
@@ -155,10 +182,60 @@ class ConvBN(nnx.Module):
         self.groups = groups
         self.activation = activation
         self.eps = eps
+        self.padding = padding
 
     def __call__(self, x: jax.Array) -> jax.Array:
         factor = self.scale[...] * jax.lax.rsqrt(self.var[...] + self.eps)
         kernel = self.kernel[...] * factor
         shift = self.bias[...] - self.mean[...] * factor
-        y = conv2d(x, kernel, self.stride, groups=self.groups) + shift
-        return jax.nn.relu6(y) if self.activation else y
+        pads = _pads(self.padding, x, kernel.shape[0], self.stride)
+        y = conv2d(x, kernel, self.stride, groups=self.groups, padding=pads) + shift
+        return activate(y, self.activation)
+
+
+class Conv(nnx.Module):
+    """Convolution with a bias and an optional activation (VGG-style, no batch norm)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 *, activation: Activation = "relu", padding: Padding = 1, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_he_normal(rngs, (kernel_size, kernel_size, in_channels,
+                                                  out_channels)))
+        self.bias = nnx.Param(jnp.zeros((out_channels,)))
+        self.stride = stride
+        self.activation = activation
+        self.padding = padding
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pads = _pads(self.padding, x, self.kernel.shape[0], self.stride)
+        y = conv2d(x, self.kernel[...], self.stride, padding=pads) + self.bias[...]
+        return activate(y, self.activation)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
+             ceil_mode: bool = False) -> jax.Array:
+    """PyTorch's ``max_pool2d`` on NHWC, including ``ceil_mode`` (GoogLeNet uses it)."""
+    pads = []
+    for size in (x.shape[1], x.shape[2]):
+        span = size + 2 * padding - window
+        out = (-(-span // stride) if ceil_mode else span // stride) + 1
+        # PyTorch drops a last window that would start in the right padding.
+        if ceil_mode and (out - 1) * stride >= size + padding:
+            out -= 1
+        extra = max((out - 1) * stride + window - (size + 2 * padding), 0)
+        pads.append((padding, padding + extra))
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                 (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """PyTorch's ``adaptive_avg_pool2d`` on NHWC: bin i covers [floor(i*H/n), ceil((i+1)*H/n))."""
+    h, w = x.shape[1], x.shape[2]
+    rows = []
+    for i in range(size[0]):
+        r0, r1 = (i * h) // size[0], -(-((i + 1) * h) // size[0])
+        cols = []
+        for j in range(size[1]):
+            c0, c1 = (j * w) // size[1], -(-((j + 1) * w) // size[1])
+            cols.append(jnp.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)))
+        rows.append(jnp.stack(cols, axis=1))
+    return jnp.stack(rows, axis=1)
