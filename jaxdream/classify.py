@@ -14,13 +14,18 @@ from jaxdream.models import LoadedModel, imagenet_labels
 
 
 def eval_crop(image: np.ndarray, resize_size: int, crop_size: int) -> np.ndarray:
-    """Standard ImageNet evaluation view: shorter side to ``resize_size`` (bilinear), centre
-    crop ``crop_size``; returns float32 on the 0..255 scale."""
+    """Standard ImageNet evaluation view, as torchvision computes it: shorter side to
+    ``resize_size`` (PIL bilinear; the longer side truncated, not rounded), then a centre crop
+    of ``crop_size`` (offsets rounded). Returns float32 on the 0..255 scale."""
+    assert resize_size >= crop_size, "a model's resize size is never below its crop"
     height, width = image.shape[:2]
-    scale = resize_size / min(height, width)
-    new_w, new_h = max(crop_size, round(width * scale)), max(crop_size, round(height * scale))
+    if width <= height:
+        new_w, new_h = resize_size, int(resize_size * height / width)
+    else:
+        new_w, new_h = int(resize_size * width / height), resize_size
     resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - crop_size) // 2, (new_h - crop_size) // 2
+    left = int(round((new_w - crop_size) / 2.0))
+    top = int(round((new_h - crop_size) / 2.0))
     crop = resized.crop((left, top, left + crop_size, top + crop_size))
     return np.asarray(crop, dtype=np.float32)
 

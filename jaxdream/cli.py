@@ -86,6 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("inputs", nargs="+", metavar="IMAGE")
     _add_model_options(classify)
     classify.add_argument("--top", type=int, default=5, help="how many labels (5)")
+
+    models = commands.add_parser(
+        "models", help="list the models, their weights and endpoints",
+        description="Prints the model catalogue: each model, where its weights come from and "
+                    "whether they are on this machine, its preprocessing, and its endpoints "
+                    "(channels, stride). With NAME, one model in full.")
+    models.add_argument("name", nargs="?", metavar="NAME")
+
+    weights = commands.add_parser("weights", help="list or fetch model weights")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True,
+                                              metavar="ACTION")
+    weights_commands.add_parser("list", help="what is known and what is on this machine")
+    fetch = weights_commands.add_parser(
+        "fetch", help="download a model's official checkpoint into the cache",
+        description="Downloads the official checkpoint of NAME from its published address "
+                    "into the cache ($JAXDREAM_CACHE/weights or ~/.cache/jaxdream/weights), "
+                    "checks its published SHA-256 prefix, and never leaves a partial file.")
+    fetch.add_argument("names", nargs="+", metavar="NAME")
+    fetch.add_argument("--force", action="store_true", help="download again even if cached")
+    fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -196,11 +216,68 @@ def _run_classify(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def _endpoint_summary(endpoints: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{name} ({channels}" + (f", /{stride})" if stride else ")")
+                     for name, (channels, stride) in endpoints.items())
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from jaxdream.models import MODELS, get_spec
+
+    names = [get_spec(args.name).name] if args.name else list(MODELS)
+    for index, name in enumerate(names):
+        spec = MODELS[name]
+        local = spec.local_weights()
+        if index:
+            print()
+        print(f"{name}: {spec.description}")
+        print(f"  weights:       {spec.weights.describe()}")
+        print(f"  on this machine: {local if local else 'no'}")
+        print(f"  preprocessing: {spec.preprocessing}")
+        print(f"  classify view: shorter side {spec.resize_size}, centre crop {spec.crop_size}")
+        print(f"  default layer: {spec.default_layers}")
+        if args.name:
+            print("  endpoints (channels, stride):")
+            for endpoint, (channels, stride) in spec.endpoints.items():
+                print(f"    {endpoint:14s} {channels:6d}  {('/' + str(stride)) if stride else '-'}")
+        else:
+            print(f"  endpoints:     {_endpoint_summary(spec.endpoints)}")
+    return EXIT_OK
+
+
+def _run_weights(args: argparse.Namespace) -> int:
+    from jaxdream.models import MODELS, get_spec
+    from jaxdream.models.weights import cache_dir, fetch
+
+    if args.weights_command == "list":
+        print(f"cache: {cache_dir()}")
+        for name, spec in MODELS.items():
+            local = spec.local_weights()
+            state = f"present  {local}" if local else "missing"
+            print(f"{name:20s} {state}\n{'':20s} from {spec.weights.describe()}")
+        return EXIT_OK
+    failed = 0
+    for name in args.names:
+        spec = get_spec(name)
+        try:
+            path = fetch(name, spec.weights, force=args.force, progress=not args.quiet)
+        except JaxdreamError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{name}: {path}")
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "dream":
             return _run_dream(args)
+        if args.command == "models":
+            return _run_models(args)
+        if args.command == "weights":
+            return _run_weights(args)
         return _run_classify(args)
     except JaxdreamError as error:
         print(f"error: {error}", file=sys.stderr)

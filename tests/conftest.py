@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxdream.models import MODELS, LoadedModel, ModelSpec, load_model
+from jaxdream.models.weights import WeightsSource
 from jaxdream.models.efficientnet_lite import EfficientNetLite, LiteConfig, endpoint_table
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -56,7 +57,7 @@ def tiny_spec() -> ModelSpec:
         build=lambda rngs: EfficientNetLite(TINY_CONFIG, rngs=rngs),
         key_map=[], ignore_key=real.ignore_key, endpoints=endpoint_table(TINY_CONFIG),
         default_layers="block2", preprocessing=real.preprocessing, resize_size=40,
-        crop_size=32, weights_source="random", embedded_weights=lambda: None)
+        crop_size=32, weights=WeightsSource(url="http://127.0.0.1:9/tiny.pth"))
 
 
 def random_module(spec: ModelSpec, seed: int = 0) -> nnx.Module:

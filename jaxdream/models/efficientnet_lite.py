@@ -61,16 +61,32 @@ class LiteConfig:
 
     def blocks(self) -> list[BlockSpec]:
         specs: list[BlockSpec] = []
-        last = len(self.stages) - 1
         for index, (repeats, kernel, stride, expand, cin, cout) in enumerate(self.stages):
             cin, cout = _round_filters(cin, self.width), _round_filters(cout, self.width)
-            # Lite keeps the first and last stage at one block whatever the depth multiplier.
-            if index not in (0, last):
-                repeats = int(math.ceil(self.depth * repeats))
-            for r in range(repeats):
+            for r in range(_repeats(self, index, repeats)):
                 specs.append(BlockSpec(kernel, stride if r == 0 else 1, expand,
                                        cin if r == 0 else cout, cout))
         return specs
+
+
+def last_block_of_stage(config: LiteConfig, stage: int) -> int:
+    """Index of the last block of ``stage`` (the same place in the network at every size)."""
+    return [index for index, stage_of in enumerate(_stage_of_blocks(config))
+            if stage_of == stage][-1]
+
+
+def _repeats(config: LiteConfig, stage: int, repeats: int) -> int:
+    # Lite keeps the first and last stage at one block whatever the depth multiplier.
+    if stage in (0, len(config.stages) - 1):
+        return repeats
+    return int(math.ceil(config.depth * repeats))
+
+
+def _stage_of_blocks(config: LiteConfig) -> list[int]:
+    stages: list[int] = []
+    for index, (repeats, *_rest) in enumerate(config.stages):
+        stages.extend([index] * _repeats(config, index, repeats))
+    return stages
 
 
 def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
@@ -85,6 +101,8 @@ def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
 
 
 LITE0 = LiteConfig(width=1.0, depth=1.0)
+LITE1 = LiteConfig(width=1.0, depth=1.1)
+LITE2 = LiteConfig(width=1.1, depth=1.2)
 
 
 class MBConv(nnx.Module):

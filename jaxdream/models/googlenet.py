@@ -1,0 +1,285 @@
+"""GoogLeNet (Inception v1; Szegedy et al., 2014) in Flax NNX, laid out as torchvision builds it.
+
+The module returns named endpoints (``conv1``, ``maxpool1``, ``conv2``, ``conv3``, ``maxpool2``,
+``inception3a`` ... ``inception5b``, ``logits``) and stops at the deepest one that was asked
+for, so a dream on ``inception4c`` (the classic DeepDream layer) never computes the rest.
+
+torchvision's layout, which its ImageNet weights (``googlenet-1378be20.pth``) fit, differs from
+the paper in two places that matter here:
+
+* every convolution is ``BasicConv2d``: a bias-free conv, BatchNorm (eps=0.001) and ReLU; the
+  paper's network had no batch norm;
+* the "5x5" branch of every inception block uses a 3x3 convolution (a long-standing quirk kept
+  for the sake of the published weights, pytorch/vision#906). We follow torchvision, because
+  its weights are what users load.
+
+All max pools use ``ceil_mode=True``; the four stride-2 ones have no padding, so a feature map
+is not always ``ceil(side / stride)`` when the side is not a multiple of 32: a 171-pixel side
+goes 86, 43, 21, 10, 5 where ``ceil(171 / 32)`` would be 6.
+
+The checkpoint also holds the two auxiliary classifiers (``aux1.*``, ``aux2.*``) used only in
+training; they are not part of this module and :func:`ignored_key` names them explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdream.models.layers import ConvBN, max_pool
+
+#: PyTorch conv weight OIHW -> JAX HWIO.
+OIHW_TO_HWIO = (2, 3, 1, 0)
+#: PyTorch Linear weight (out, in) -> (in, out).
+OUT_IN_TO_IN_OUT = (1, 0)
+
+#: torchvision's ImageNet normalisation, which its GoogLeNet weights are used with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: BatchNorm epsilon of torchvision's BasicConv2d.
+BN_EPS = 1e-3
+
+DEFAULT_LAYERS = "inception4c"
+PREPROCESSING = ("x / 127.5 - 1 on RGB 0..255 (ImageNet mean/std then torchvision's "
+                 "transform_input); ceil-mode max pools")
+#: torchvision's download URL and the SHA-256 prefix in its file name.
+OFFICIAL_WEIGHTS = ("https://download.pytorch.org/models/googlenet-1378be20.pth", "1378be20")
+
+
+def _input_affine() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (scale, shift) taking 0..255 pixels to what the first convolution expects.
+
+    Users of torchvision's weights feed ``n = (p / 255 - mean) / std``; with
+    ``transform_input=True`` (how the weights are used) the model then computes
+    ``n * (std / 0.5) + (mean - 0.5) / 0.5``. Composing the two affine maps gives
+    ``p * (1 / 255) / 0.5 - 1``: torchvision hard-codes the ImageNet mean and std in
+    ``transform_input``, so they cancel and every channel ends up as ``p / 127.5 - 1`` (inputs in
+    [-1, 1], the scaling of the ported original weights). The composition is written out here
+    rather than hard-coded so that the reasoning is checkable.
+    """
+    scales, shifts = [], []
+    for mean, std in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True):
+        # normalise: p * a1 + b1
+        a1, b1 = 1.0 / (255.0 * std), -mean / std
+        # transform_input: n * a2 + b2
+        a2, b2 = std / 0.5, (mean - 0.5) / 0.5
+        scales.append(a1 * a2)
+        shifts.append(b1 * a2 + b2)
+    return tuple(scales), tuple(shifts)
+
+
+_INPUT_SCALE, _INPUT_SHIFT = _input_affine()
+assert np.allclose(_INPUT_SCALE, 1 / 127.5) and np.allclose(_INPUT_SHIFT, -1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionSpec:
+    """Widths of one inception block, in torchvision's argument order."""
+
+    in_channels: int
+    ch1x1: int
+    ch3x3_reduce: int
+    ch3x3: int
+    ch5x5_reduce: int
+    #: Output of the "5x5" branch, whose convolution is 3x3 in torchvision.
+    ch5x5: int
+    pool_proj: int
+
+    @property
+    def out_channels(self) -> int:
+        return self.ch1x1 + self.ch3x3 + self.ch5x5 + self.pool_proj
+
+
+#: The nine inception blocks of GoogLeNet (the paper's Table 1, torchvision's arguments).
+_INCEPTIONS: dict[str, InceptionSpec] = {
+    "inception3a": InceptionSpec(192, 64, 96, 128, 16, 32, 32),
+    "inception3b": InceptionSpec(256, 128, 128, 192, 32, 96, 64),
+    "inception4a": InceptionSpec(480, 192, 96, 208, 16, 48, 64),
+    "inception4b": InceptionSpec(512, 160, 112, 224, 24, 64, 64),
+    "inception4c": InceptionSpec(512, 128, 128, 256, 24, 64, 64),
+    "inception4d": InceptionSpec(512, 112, 144, 288, 32, 64, 64),
+    "inception4e": InceptionSpec(528, 256, 160, 320, 32, 128, 128),
+    "inception5a": InceptionSpec(832, 256, 160, 320, 32, 128, 128),
+    "inception5b": InceptionSpec(832, 384, 192, 384, 48, 128, 128),
+}
+
+
+#: The stem's BasicConv2d layers: (in, out, kernel, stride, padding).
+_STEM: dict[str, tuple[int, int, int, int, int]] = {
+    "conv1": (3, 64, 7, 2, 3),
+    "conv2": (64, 64, 1, 1, 0),
+    "conv3": (64, 192, 3, 1, 1),
+}
+
+#: The stride-2 max pools between stages (window, stride); all use ceil_mode=True.
+_POOLS: dict[str, tuple[int, int]] = {
+    "maxpool1": (3, 2),
+    "maxpool2": (3, 2),
+    "maxpool3": (3, 2),
+    "maxpool4": (2, 2),
+}
+
+#: Every endpoint, in the order the network computes them.
+ENDPOINTS: tuple[str, ...] = (
+    "conv1", "maxpool1", "conv2", "conv3", "maxpool2",
+    "inception3a", "inception3b", "maxpool3",
+    "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+    "inception5a", "inception5b", "logits",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GoogLeNetConfig:
+    """Class count and block widths; the block names are the fixed endpoint names."""
+
+    num_classes: int = 1000
+    inceptions: tuple[tuple[str, InceptionSpec], ...] = tuple(_INCEPTIONS.items())
+
+
+DEFAULT_CONFIG = GoogLeNetConfig()
+
+
+def _basic_conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, *,
+                rngs: nnx.Rngs) -> ConvBN:
+    """torchvision's BasicConv2d: bias-free conv, BatchNorm(eps=1e-3), ReLU."""
+    return ConvBN(cin, cout, kernel, stride, activation="relu", eps=BN_EPS, padding=padding,
+                  rngs=rngs)
+
+
+class Inception(nnx.Module):
+    """Four parallel branches concatenated on channels, in this order: 1x1; 1x1 -> 3x3;
+    1x1 -> 3x3 (the paper's 5x5); 3x3 max pool (stride 1, pad 1, ceil mode) -> 1x1."""
+
+    def __init__(self, spec: InceptionSpec, *, rngs: nnx.Rngs):
+        cin = spec.in_channels
+        self.branch1 = _basic_conv(cin, spec.ch1x1, 1, rngs=rngs)
+        self.branch2_reduce = _basic_conv(cin, spec.ch3x3_reduce, 1, rngs=rngs)
+        self.branch2 = _basic_conv(spec.ch3x3_reduce, spec.ch3x3, 3, padding=1, rngs=rngs)
+        self.branch3_reduce = _basic_conv(cin, spec.ch5x5_reduce, 1, rngs=rngs)
+        # kernel_size=3 where the paper has 5, exactly as in torchvision (pytorch/vision#906).
+        self.branch3 = _basic_conv(spec.ch5x5_reduce, spec.ch5x5, 3, padding=1, rngs=rngs)
+        self.branch4_proj = _basic_conv(cin, spec.pool_proj, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.concatenate([
+            self.branch1(x),
+            self.branch2(self.branch2_reduce(x)),
+            self.branch3(self.branch3_reduce(x)),
+            self.branch4_proj(max_pool(x, 3, 1, padding=1, ceil_mode=True)),
+        ], axis=-1)
+
+
+class GoogLeNet(nnx.Module):
+    """GoogLeNet returning a dict of endpoints; input NHWC RGB pixels on the 0..255 scale."""
+
+    def __init__(self, config: GoogLeNetConfig = DEFAULT_CONFIG, *, rngs: nnx.Rngs):
+        self.config = config
+        for name, (cin, cout, kernel, stride, padding) in _STEM.items():
+            setattr(self, name, _basic_conv(cin, cout, kernel, stride, padding, rngs=rngs))
+        for name, spec in config.inceptions:
+            setattr(self, name, Inception(spec, rngs=rngs))
+        last = config.inceptions[-1][1].out_channels
+        # torchvision applies Dropout(0.2) before fc: the identity at inference.
+        self.fc = nnx.Linear(last, config.num_classes, rngs=rngs)
+
+    def endpoint_names(self) -> list[str]:
+        return list(ENDPOINTS)
+
+    def __call__(self, pixels: jax.Array,
+                 endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
+        """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
+        order = self.endpoint_names()
+        wanted = set(order if endpoints is None else endpoints)
+        unknown = wanted - set(order)
+        if unknown:
+            raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {order}")
+        deepest = max(order.index(name) for name in wanted)
+        out: dict[str, jax.Array] = {}
+        # ImageNet mean/std normalisation followed by transform_input, folded into one affine
+        # map (see _input_affine): it comes out as pixels / 127.5 - 1 on every channel.
+        x = (pixels * jnp.asarray(_INPUT_SCALE, pixels.dtype)
+             + jnp.asarray(_INPUT_SHIFT, pixels.dtype))
+        for index, (name, layer) in enumerate(self._stages()):
+            x = out[name] = layer(x)
+            if index == deepest:
+                break
+        return {name: out[name] for name in order if name in wanted}
+
+    def _stages(self) -> Iterator[tuple[str, Callable[[jax.Array], jax.Array]]]:
+        for name in ENDPOINTS:
+            if name in _POOLS:
+                window, stride = _POOLS[name]
+                yield name, lambda h, w=window, s=stride: max_pool(h, w, s, ceil_mode=True)
+            elif name == "logits":
+                yield name, lambda h: self.fc(jnp.mean(h, axis=(1, 2)))
+            else:
+                yield name, getattr(self, name)
+
+
+def build(rngs: nnx.Rngs) -> nnx.Module:
+    """torchvision's GoogLeNet with 1000 ImageNet classes (random until weights are loaded)."""
+    return GoogLeNet(DEFAULT_CONFIG, rngs=rngs)
+
+
+def endpoint_table(config: GoogLeNetConfig = DEFAULT_CONFIG) -> dict[str, tuple[int, int]]:
+    """Endpoint name -> (channels, stride relative to the input; 0 for logits).
+
+    Strides are nominal: with ceil-mode pooling a side that is not a multiple of the stride can
+    come out one pixel smaller than ``ceil(side / stride)``.
+    """
+    inceptions = dict(config.inceptions)
+    table: dict[str, tuple[int, int]] = {}
+    channels, stride = 3, 1
+    for name in ENDPOINTS:
+        if name in _STEM:
+            channels, stride = _STEM[name][1], stride * _STEM[name][3]
+        elif name in _POOLS:
+            stride *= _POOLS[name][1]
+        elif name == "logits":
+            channels, stride = config.num_classes, 0
+        else:
+            channels = inceptions[name].out_channels
+        table[name] = (channels, stride)
+    return table
+
+
+KeyMapEntry = tuple[tuple[str | int, ...], str, tuple[int, ...] | None]
+
+
+def key_map(config: GoogLeNetConfig = DEFAULT_CONFIG) -> list[KeyMapEntry]:
+    """(target parameter path, checkpoint key, transpose) for every parameter of the model,
+    in torchvision's ``state_dict`` naming."""
+    entries: list[KeyMapEntry] = []
+
+    def basic_conv(target: tuple[str | int, ...], prefix: str) -> None:
+        entries.append(((*target, "kernel"), f"{prefix}.conv.weight", OIHW_TO_HWIO))
+        entries.append(((*target, "scale"), f"{prefix}.bn.weight", None))
+        entries.append(((*target, "bias"), f"{prefix}.bn.bias", None))
+        entries.append(((*target, "mean"), f"{prefix}.bn.running_mean", None))
+        entries.append(((*target, "var"), f"{prefix}.bn.running_var", None))
+
+    for name in _STEM:
+        basic_conv((name,), name)
+    # torchvision's branches 2-4 are nn.Sequential; branch4.0 is the parameter-free max pool.
+    branches = (("branch1", "branch1"), ("branch2_reduce", "branch2.0"), ("branch2", "branch2.1"),
+                ("branch3_reduce", "branch3.0"), ("branch3", "branch3.1"),
+                ("branch4_proj", "branch4.1"))
+    for name, _ in config.inceptions:
+        for attribute, torch_name in branches:
+            basic_conv((name, attribute), f"{name}.{torch_name}")
+    entries.append((("fc", "kernel"), "fc.weight", OUT_IN_TO_IN_OUT))
+    entries.append((("fc", "bias"), "fc.bias", None))
+    return entries
+
+
+def ignored_key(key: str) -> bool:
+    """Checkpoint entries with no inference parameter here: BN's update counter, and the two
+    auxiliary classifiers (``aux1.*``, ``aux2.*``) that torchvision's checkpoint carries for
+    training only."""
+    return key.endswith(".num_batches_tracked") or key.startswith(("aux1.", "aux2."))

@@ -1,0 +1,221 @@
+"""ResNet (He et al., 2015) as torchvision builds it, in Flax NNX: bottleneck blocks, "v1.5".
+
+torchvision's bottleneck puts the stride of a downsampling block on its 3x3 convolution
+(``conv2``) rather than on the first 1x1 as the paper did; this is the variant called ResNet
+v1.5, and it is what torchvision's checkpoints were trained with, so it is what is built here.
+The shortcut of the first block of each stage is a 1x1 convolution (with the same stride) and a
+batch norm whenever the shape changes.
+
+The module takes NHWC pixels on the 0..255 RGB scale and applies torchvision's ImageNet
+normalisation itself. It returns named endpoints: ``conv1`` (after bn1 and ReLU), ``maxpool``,
+every block ``layerS.B``, every stage ``layerS`` (the same array as the stage's last block, so
+both names can be asked for), and ``logits``; it stops at the deepest endpoint requested.
+
+Parameter paths mirror torchvision's keys (``layer2.0.conv2`` -> ``("layer2", 0, "conv2")``),
+with each convolution and its batch norm merged into one :class:`ConvBN`; ``key_map`` maps every
+tensor of a torchvision ``state_dict`` to exactly one parameter here.
+
+Only ResNet-50 is exported; ResNet-101 and -152 differ only in ``ResNetConfig.layers``
+((3, 4, 23, 3) and (3, 8, 36, 3)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdream.models.layers import ConvBN, max_pool
+
+#: PyTorch OIHW -> JAX HWIO.
+OIHW_TO_HWIO = (2, 3, 1, 0)
+#: PyTorch Linear (out, in) -> (in, out).
+OUT_IN_TO_IN_OUT = (1, 0)
+
+#: torchvision's ImageNet normalisation, applied to pixels scaled to 0..1.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: torchvision's BatchNorm2d default.
+BN_EPS = 1e-5
+
+#: Bottleneck output channels are ``planes * EXPANSION``.
+EXPANSION = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """A bottleneck ResNet: blocks per stage, base width, classes."""
+
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    stem_channels: int = 64
+    #: Bottleneck width of the first stage; doubles with every stage.
+    base_planes: int = 64
+    num_classes: int = 1000
+
+    def stage_planes(self) -> list[int]:
+        return [self.base_planes * 2 ** i for i in range(len(self.layers))]
+
+    def stage_strides(self) -> list[int]:
+        return [1] + [2] * (len(self.layers) - 1)
+
+
+RESNET50 = ResNetConfig(layers=(3, 4, 6, 3))
+
+
+class Bottleneck(nnx.Module):
+    """1x1 reduce, 3x3 (strided, v1.5), 1x1 expand; projection shortcut when shapes change."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int, *, rngs: nnx.Rngs):
+        out_channels = planes * EXPANSION
+        self.conv1 = ConvBN(in_channels, planes, 1, activation="relu", eps=BN_EPS, padding=0,
+                            rngs=rngs)
+        self.conv2 = ConvBN(planes, planes, 3, stride, activation="relu", eps=BN_EPS,
+                            padding=1, rngs=rngs)
+        self.conv3 = ConvBN(planes, out_channels, 1, activation=None, eps=BN_EPS, padding=0,
+                            rngs=rngs)
+        # The shortcut is built with stride 1 and fed every ``stride``-th pixel instead: a 1x1
+        # convolution with stride s and no padding reads exactly x[:, ::s, ::s] (output size
+        # floor((H - 1) / s) + 1 = ceil(H / s) = len(range(0, H, s))), and at stride 1 ConvBN
+        # computes it as one matrix product. tests/test_parity_resnet.py checks the two agree.
+        self.downsample = (ConvBN(in_channels, out_channels, 1, 1, activation=None, eps=BN_EPS,
+                                  padding=0, rngs=rngs)
+                           if stride != 1 or in_channels != out_channels else None)
+        self.stride = stride
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv3(self.conv2(self.conv1(x)))
+        if self.downsample is None:
+            shortcut = x
+        else:
+            s = self.stride
+            shortcut = self.downsample(x[:, ::s, ::s, :] if s != 1 else x)
+        return jax.nn.relu(y + shortcut)
+
+
+class ResNet(nnx.Module):
+    """Bottleneck ResNet returning a dict of endpoints; input NHWC pixels on the 0..255 scale."""
+
+    def __init__(self, config: ResNetConfig = RESNET50, *, rngs: nnx.Rngs):
+        if len(config.layers) != 4:
+            raise ValueError(f"a ResNet has 4 stages, got layers={config.layers}")
+        self.config = config
+        self.conv1 = ConvBN(3, config.stem_channels, 7, 2, activation="relu", eps=BN_EPS,
+                            padding=3, rngs=rngs)
+        channels = config.stem_channels
+        stages = []
+        for planes, stride, blocks in zip(config.stage_planes(), config.stage_strides(),
+                                          config.layers):
+            stage = []
+            for b in range(blocks):
+                stage.append(Bottleneck(channels, planes, stride if b == 0 else 1, rngs=rngs))
+                channels = planes * EXPANSION
+            stages.append(nnx.List(stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nnx.Linear(channels, config.num_classes, rngs=rngs)
+
+    def endpoint_names(self) -> list[str]:
+        return list(endpoint_table(self.config))
+
+    def __call__(self, pixels: jax.Array,
+                 endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
+        """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
+        order = self.endpoint_names()
+        wanted = set(order if endpoints is None else endpoints)
+        unknown = wanted - set(order)
+        if unknown:
+            raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {order}")
+        deepest = max(order.index(name) for name in wanted)
+        out: dict[str, jax.Array] = {}
+        x = pixels / 255.0
+        x = (x - jnp.asarray(IMAGENET_MEAN, x.dtype)) / jnp.asarray(IMAGENET_STD, x.dtype)
+        for index, (name, layer) in enumerate(self._stages()):
+            assert name == order[index]
+            x = out[name] = layer(x)
+            if index == deepest:
+                break
+        return {name: out[name] for name in order if name in wanted}
+
+    def _stages(self) -> Iterator[tuple[str, Callable[[jax.Array], jax.Array]]]:
+        yield "conv1", self.conv1
+        yield "maxpool", lambda h: max_pool(h, 3, 2, padding=1)
+        for s, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), 1):
+            for b, block in enumerate(stage):
+                yield f"layer{s}.{b}", block
+            # The stage's output is its last block's: an alias, computed once.
+            yield f"layer{s}", lambda h: h
+        yield "logits", lambda h: self.fc(jnp.mean(h, axis=(1, 2)))
+
+
+def build(rngs: nnx.Rngs) -> nnx.Module:
+    """torchvision's ``resnet50``."""
+    return ResNet(RESNET50, rngs=rngs)
+
+
+def endpoint_table(config: ResNetConfig = RESNET50) -> dict[str, tuple[int, int]]:
+    """Endpoint name -> (channels, stride relative to the input); stride 0 for ``logits``.
+
+    A stage's name follows its last block, with the same entry (it is the same array).
+    """
+    table: dict[str, tuple[int, int]] = {"conv1": (config.stem_channels, 2),
+                                         "maxpool": (config.stem_channels, 4)}
+    stride = 4
+    for s, (planes, stage_stride, blocks) in enumerate(
+            zip(config.stage_planes(), config.stage_strides(), config.layers), 1):
+        stride *= stage_stride
+        for b in range(blocks):
+            table[f"layer{s}.{b}"] = (planes * EXPANSION, stride)
+        table[f"layer{s}"] = (planes * EXPANSION, stride)
+    table["logits"] = (config.num_classes, 0)
+    return table
+
+
+def key_map(config: ResNetConfig = RESNET50) -> list[tuple[tuple[str | int, ...], str,
+                                                         tuple[int, ...] | None]]:
+    """(target parameter path, checkpoint key, transpose) for every parameter of the model."""
+    entries: list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]] = []
+
+    def conv_bn(target: tuple[str | int, ...], conv: str, bn: str) -> None:
+        entries.append(((*target, "kernel"), f"{conv}.weight", OIHW_TO_HWIO))
+        entries.append(((*target, "scale"), f"{bn}.weight", None))
+        entries.append(((*target, "bias"), f"{bn}.bias", None))
+        entries.append(((*target, "mean"), f"{bn}.running_mean", None))
+        entries.append(((*target, "var"), f"{bn}.running_var", None))
+
+    conv_bn(("conv1",), "conv1", "bn1")
+    channels = config.stem_channels
+    for s, (planes, stride, blocks) in enumerate(
+            zip(config.stage_planes(), config.stage_strides(), config.layers), 1):
+        for b in range(blocks):
+            prefix, target = f"layer{s}.{b}", (f"layer{s}", b)
+            for i in (1, 2, 3):
+                conv_bn((*target, f"conv{i}"), f"{prefix}.conv{i}", f"{prefix}.bn{i}")
+            if b == 0 and (stride != 1 or channels != planes * EXPANSION):
+                conv_bn((*target, "downsample"), f"{prefix}.downsample.0",
+                        f"{prefix}.downsample.1")
+            channels = planes * EXPANSION
+    entries.append((("fc", "kernel"), "fc.weight", OUT_IN_TO_IN_OUT))
+    entries.append((("fc", "bias"), "fc.bias", None))
+    return entries
+
+
+def ignored_key(key: str) -> bool:
+    """Checkpoint entries that carry no inference parameter: BatchNorm's update counter."""
+    return key.endswith(".num_batches_tracked")
+
+
+#: Layer to dream on by default: ``layer3``, the mid-level stage that pytorch-deepdream uses
+#: for its ResNet-50 images (its README exposes layer1..layer4 and calls ResNet-50 "nice for
+#: mid-level features"; its showcase and video settings use ``layer3``).
+DEFAULT_LAYERS = "layer3"
+
+#: One line for the model catalogue.
+PREPROCESSING = ("(x / 255 - mean) / std on RGB 0..255, ImageNet mean (0.485, 0.456, 0.406) "
+                 "std (0.229, 0.224, 0.225); PyTorch symmetric padding")
+
+#: torchvision's ResNet50_Weights.IMAGENET1K_V1 (the classic 76.13% top-1 weights) and the
+#: hash prefix in its file name.
+OFFICIAL_WEIGHTS = ("https://download.pytorch.org/models/resnet50-0676ba61.pth", "0676ba61")

@@ -1,0 +1,188 @@
+"""VGG16 (Simonyan & Zisserman, 2014; configuration "D", no batch norm) in Flax NNX.
+
+The network is torchvision's ``vgg16``: thirteen 3x3 convolutions with padding 1 and a bias,
+each followed by a ReLU, in five stages closed by a 2x2/2 max pool; an adaptive average pool to
+7x7 (so any input of at least 32x32 pixels works); and three fully connected layers. Endpoints
+carry the Caffe names people know (``conv1_1`` ... ``conv5_3``, ``pool1`` ... ``pool5``,
+``fc6``, ``fc7``, ``logits``). As in Caffe, where the ReLU works in place, a ``convX_Y``
+endpoint is the activation *after* its ReLU (pytorch-deepdream calls the same tensor
+``reluX_Y``), and so are ``fc6`` and ``fc7``; ``logits`` is the last layer's raw output.
+Dropout is the identity at inference and has no parameters, so it is left out. The forward pass
+stops at the deepest endpoint asked for: a dream on ``conv4_3`` never runs ``conv5_1`` or the
+120 M parameters of the classifier.
+
+Input is NHWC RGB on the 0..255 scale; the ImageNet normalisation torchvision's weights were
+trained with, ``(x / 255 - mean) / std``, happens inside the forward pass.
+
+The flatten before ``fc6``: torchvision flattens the pooled NCHW (512, 7, 7) map, so column
+``c * 49 + h * 7 + w`` of its (4096, 25088) weight multiplies channel ``c`` at ``(h, w)``. Here
+the pooled NHWC map is transposed to NCHW before flattening, which is one 25088-element
+transpose per image, and ``fc6`` is an ordinary linear layer whose kernel is the checkpoint's
+weight transposed like every other linear layer's. That keeps the key map inside what
+``convert.py`` does (a plain transpose) and the flatten order visibly the same as torchvision's;
+permuting the weight's rows at load time instead would save nothing measurable and hide the
+layout in a reshape.
+
+Weights: torchvision's ImageNet checkpoint (``features.N.*`` / ``classifier.N.*``); ``key_map``
+maps every one of its 32 tensors to exactly one parameter here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdream.models.layers import Conv, adaptive_avg_pool, max_pool
+
+#: Configuration "D": output channels of each 3x3 convolution, "M" for a 2x2/2 max pool.
+_CONFIG_D: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                    512, 512, 512, "M", 512, 512, 512, "M")
+
+#: PyTorch OIHW -> JAX HWIO.
+OIHW_TO_HWIO = (2, 3, 1, 0)
+#: PyTorch Linear (out, in) -> (in, out).
+OUT_IN_TO_IN_OUT = (1, 0)
+
+#: ImageNet statistics torchvision's weights were trained with (RGB, 0..1 scale).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Spatial size of the map fed to the classifier (torchvision's ``AdaptiveAvgPool2d((7, 7))``).
+POOLED_SIZE = (7, 7)
+NUM_CLASSES = 1000
+FC_WIDTH = 4096
+
+#: pytorch-deepdream's default for VGG16 (``--layers_to_use relu4_3``, the same tensor).
+DEFAULT_LAYERS = "conv4_3"
+PREPROCESSING = "(x / 255 - ImageNet mean) / ImageNet std on RGB 0..255, torchvision VGG16"
+#: torchvision's ``VGG16_Weights.IMAGENET1K_V1``: URL and the hash prefix in its file name.
+OFFICIAL_WEIGHTS = ("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af")
+
+
+def _layers() -> list[tuple[str, int, int | None]]:
+    """(endpoint name, index in torchvision's ``features``, output channels or None for a pool).
+
+    The index is that of the convolution (whose ReLU is the next index) or of the pool.
+    """
+    layers: list[tuple[str, int, int | None]] = []
+    stage, conv_in_stage, index = 1, 1, 0
+    for entry in _CONFIG_D:
+        if entry == "M":
+            layers.append((f"pool{stage}", index, None))
+            stage, conv_in_stage, index = stage + 1, 1, index + 1
+        else:
+            layers.append((f"conv{stage}_{conv_in_stage}", index, int(entry)))
+            conv_in_stage, index = conv_in_stage + 1, index + 2  # conv, then its ReLU
+    return layers
+
+
+#: Every endpoint in forward order.
+ENDPOINTS: tuple[str, ...] = (*(name for name, _, _ in _layers()), "fc6", "fc7", "logits")
+
+
+class VGG16(nnx.Module):
+    """VGG16 returning a dict of endpoints; input NHWC pixels on the 0..255 scale.
+
+    Parameters: ``convs[i]`` is the i-th convolution in forward order (``conv1_1`` is
+    ``convs[0]``, ``conv5_3`` is ``convs[12]``); ``fc6``, ``fc7`` and ``fc8`` (which gives the
+    ``logits`` endpoint) are the classifier's three linear layers.
+    """
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        convs = []
+        in_channels = 3
+        for _, _, channels in _layers():
+            if channels is not None:
+                convs.append(Conv(in_channels, channels, 3, activation="relu", padding=1,
+                                  rngs=rngs))
+                in_channels = channels
+        self.convs = nnx.List(convs)
+        flat = in_channels * POOLED_SIZE[0] * POOLED_SIZE[1]
+        self.fc6 = nnx.Linear(flat, FC_WIDTH, rngs=rngs)
+        self.fc7 = nnx.Linear(FC_WIDTH, FC_WIDTH, rngs=rngs)
+        self.fc8 = nnx.Linear(FC_WIDTH, NUM_CLASSES, rngs=rngs)
+
+    def endpoint_names(self) -> list[str]:
+        return list(ENDPOINTS)
+
+    def __call__(self, pixels: jax.Array,
+                 endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
+        """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
+        order = self.endpoint_names()
+        wanted = set(order if endpoints is None else endpoints)
+        unknown = wanted - set(order)
+        if unknown:
+            raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {order}")
+        deepest = max(order.index(name) for name in wanted)
+        out: dict[str, jax.Array] = {}
+        mean = jnp.asarray(IMAGENET_MEAN, pixels.dtype)
+        std = jnp.asarray(IMAGENET_STD, pixels.dtype)
+        x = (pixels / 255.0 - mean) / std
+        for index, (name, layer) in enumerate(self._stages()):
+            x = out[name] = layer(x)
+            if index == deepest:
+                break
+        return {name: out[name] for name in order if name in wanted}
+
+    def _stages(self) -> Iterator[tuple[str, Callable[[jax.Array], jax.Array]]]:
+        convs = iter(self.convs)
+        for name, _, channels in _layers():
+            if channels is None:
+                yield name, lambda h: max_pool(h, 2, 2)
+            else:
+                yield name, next(convs)
+        yield "fc6", lambda h: jax.nn.relu(self.fc6(_flatten_nchw(h)))
+        yield "fc7", lambda h: jax.nn.relu(self.fc7(h))
+        yield "logits", self.fc8
+
+
+def _flatten_nchw(x: jax.Array) -> jax.Array:
+    """Adaptive-pools NHWC ``x`` to 7x7 and flattens it in PyTorch's (C, H, W) order."""
+    pooled = adaptive_avg_pool(x, POOLED_SIZE)
+    return jnp.transpose(pooled, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+def build(rngs: nnx.Rngs) -> nnx.Module:
+    """A VGG16 with fresh random parameters (build it under ``nnx.eval_shape`` to load weights)."""
+    return VGG16(rngs=rngs)
+
+
+def endpoint_table() -> dict[str, tuple[int, int]]:
+    """Endpoint name -> (channels, stride relative to the input); stride 0 when not spatial.
+
+    Pools floor odd sizes (no ``ceil_mode``), so a spatial endpoint is ``size // stride`` wide.
+    """
+    table: dict[str, tuple[int, int]] = {}
+    channels, stride = 3, 1
+    for name, _, out_channels in _layers():
+        if out_channels is None:
+            stride *= 2
+        else:
+            channels = out_channels
+        table[name] = (channels, stride)
+    table["fc6"] = (FC_WIDTH, 0)
+    table["fc7"] = (FC_WIDTH, 0)
+    table["logits"] = (NUM_CLASSES, 0)
+    return table
+
+
+def key_map() -> list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]]:
+    """(target parameter path, checkpoint key, transpose) for every parameter of the model."""
+    entries: list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]] = []
+    conv_indices = [index for _, index, channels in _layers() if channels is not None]
+    for i, index in enumerate(conv_indices):
+        entries.append((("convs", i, "kernel"), f"features.{index}.weight", OIHW_TO_HWIO))
+        entries.append((("convs", i, "bias"), f"features.{index}.bias", None))
+    # classifier = Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear.
+    for target, index in (("fc6", 0), ("fc7", 3), ("fc8", 6)):
+        entries.append(((target, "kernel"), f"classifier.{index}.weight", OUT_IN_TO_IN_OUT))
+        entries.append(((target, "bias"), f"classifier.{index}.bias", None))
+    return entries
+
+
+def ignored_key(key: str) -> bool:
+    """Checkpoint entries that carry no inference parameter: VGG16 without BN has none."""
+    return False
