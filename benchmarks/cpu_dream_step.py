@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -44,12 +45,10 @@ def _median_seconds(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 
 # ----------------------------------------------------------------------------- PyTorch side
-def torch_lite0(state_dict: dict[str, np.ndarray], layer_index: int):  # type: ignore[no-untyped-def]
-    """EfficientNet-Lite0 up to block ``layer_index`` in eager PyTorch, TF 'SAME' padding."""
+def torch_lite(state_dict: dict[str, np.ndarray], config: Any, layer_index: int):  # type: ignore[no-untyped-def]
+    """EfficientNet-Lite up to block ``layer_index`` in eager PyTorch, TF 'SAME' padding."""
     import torch
     import torch.nn.functional as F
-
-    from jaxdream.models.efficientnet_lite import LITE0
 
     weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
 
@@ -66,7 +65,7 @@ def torch_lite0(state_dict: dict[str, np.ndarray], layer_index: int):  # type: i
                          weights[f"{bn}.weight"], weights[f"{bn}.bias"], False, 0.0, 1e-3)
         return F.relu6(x) if act else x
 
-    blocks = LITE0.blocks()
+    blocks = config.blocks()
 
     def forward(pixels):  # type: ignore[no-untyped-def]
         x = (pixels - 127.0) / 128.0
@@ -134,7 +133,9 @@ def main() -> None:
     photo = rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
 
     # Same network on both sides: compare the layer's activations before timing anything.
-    forward = torch_lite0(load_state_dict(model.weights_path), layer_index)
+    from jaxdream.models.efficientnet_lite import LITE0
+
+    forward = torch_lite(load_state_dict(model.weights_path), LITE0, layer_index)
     with torch.no_grad():
         ref = forward(torch.from_numpy(photo.transpose(2, 0, 1)[None].copy())).numpy()
     ours = np.asarray(model.module(jnp.asarray(photo[None]), [layer])[layer]).transpose(0, 3, 1, 2)

@@ -35,10 +35,42 @@ def test_shifted_depthwise_equals_grouped_conv_with_gradients(height: int, width
     def loss(fn):  # type: ignore[no-untyped-def]
         return lambda x, k: jnp.sum(fn(x, k, stride, pads) * cotangent)
 
-    gx_ref, gk_ref = jax.grad(loss(L._depthwise_grouped), (0, 1))(x, k)
-    gx, gk = jax.grad(loss(L._depthwise_shifted), (0, 1))(x, k)
+    gx_ref = jax.grad(loss(L._depthwise_grouped))(x, k)
+    gx = jax.grad(loss(L._depthwise_shifted))(x, k)
     np.testing.assert_allclose(gx, gx_ref, atol=1e-5)
-    np.testing.assert_allclose(gk, gk_ref, atol=1e-4)
+
+
+@pytest.mark.parametrize(("height", "width", "kernel", "stride", "pad"),
+                         [(9, 10, 3, 1, 1), (9, 10, 3, 2, 1), (11, 8, 7, 2, 3), (7, 7, 5, 1, 0),
+                          (6, 9, 3, 2, 0), (8, 8, 1, 2, 0)])
+def test_dense_conv_with_written_gradient_equals_autodiff(height: int, width: int, kernel: int,
+                                                          stride: int, pad: int) -> None:
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+    pads = ((pad, pad), (pad, pad))
+    y_ref = L._dense(x, k, stride, pads)
+    np.testing.assert_allclose(L._dense_cpu(x, k, stride, pads), y_ref, atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+
+    def loss(fn):  # type: ignore[no-untyped-def]
+        return lambda x, k: jnp.sum(fn(x, k, stride, pads) * cotangent)
+
+    gx_ref = jax.grad(loss(L._dense))(x, k)
+    gx = jax.grad(loss(L._dense_cpu))(x, k)
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-4)
+
+
+def test_cpu_forms_give_kernels_no_gradient_and_xla_forms_do(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    x = jnp.ones((1, 6, 6, 4))
+    dense, depthwise = jnp.ones((3, 3, 4, 2)), jnp.ones((3, 3, 1, 4))
+    for form, expect_zero in (("shifted", True), ("grouped", False)):
+        monkeypatch.setenv(L.DEPTHWISE_ENV, form)
+        g_dense = jax.grad(lambda k: jnp.sum(L.conv2d(x, k)))(dense)
+        g_depth = jax.grad(lambda k: jnp.sum(L.conv2d(x, k, groups=4)))(depthwise)
+        for grad in (g_dense, g_depth):
+            assert bool(jnp.all(grad == 0)) == expect_zero, form
 
 
 def test_same_padding_is_tensorflows() -> None:
