@@ -8,9 +8,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jaxdream import __version__
 from jaxdream.errors import JaxdreamError
+
+if TYPE_CHECKING:  # the library is imported lazily, so that --help and --version are instant
+    from jaxdream.recipe import Recipe
 
 #: Extensions picked up when a folder is given as input (files given by name are always tried).
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
@@ -109,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_from_args(args: argparse.Namespace):  # -> tuple[Recipe, str | None]
+def _recipe_from_args(args: argparse.Namespace) -> tuple[Recipe, str | None]:
+    """The recipe the options ask for, and the weights SHA-256 a --recipe PNG was made with
+    (None when there is no recipe, or when --model changes the model it names)."""
     from jaxdream.images import read_recipe
     from jaxdream.models import DEFAULT_MODEL, get_spec
-    from jaxdream.recipe import PRESETS, Recipe, recipe_from_json
+    from jaxdream.recipe import PRESETS, recipe_from_json
 
     recipe_sha: str | None = None
     if args.recipe is not None:
@@ -129,8 +135,10 @@ def _recipe_from_args(args: argparse.Namespace):  # -> tuple[Recipe, str | None]
         "steps": args.steps, "step_size": args.step_size, "jitter": args.jitter,
         "seed": args.seed,
     }
-    recipe: Recipe = dataclasses.replace(
+    recipe = dataclasses.replace(
         base, **{key: value for key, value in overrides.items() if value is not None})
+    if recipe.model != base.model:
+        recipe_sha = None  # other model, other weights: nothing to compare with
     if args.max_side is not None:
         recipe = dataclasses.replace(recipe, max_side=args.max_side or None)
     if args.model is None and args.recipe is None:

@@ -157,9 +157,10 @@ class Engine:
 def default_batch_size() -> int:
     """Images per compiled call when the user does not say.
 
-    On CPU a batch only adds memory traffic: measured on 2 cores (benchmarks/cpu_dream_step.py),
-    Lite0 at 512x384 ran 11.8 image-steps/s at batch 1 against 10.4 at batch 4 and 9.3 at 8.
-    Accelerators need batches to fill their cores.
+    On CPU batches buy little: on 2 cores (benchmarks/cpu_dream_step.py, Lite0 at 512x384)
+    batch 4 and 8 were within 15% of batch 1 per image, ahead in one run and behind in another,
+    while batch 1 finishes the first image soonest and needs the least memory. Accelerators
+    need batches to fill their cores.
     """
     return 1 if jax.default_backend() == "cpu" else 8
 
