@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from jaxdream.engine import CompileStats, Engine, group_by_shape
+from jaxdream.engine import CompileStats, Engine, default_batch_size, group_by_shape
 from jaxdream.errors import JaxdreamError
 from jaxdream.images import load_rgb, save_png, to_uint8
 from jaxdream.models import LoadedModel
@@ -82,7 +82,7 @@ def _file_sha256(path: str) -> str:
 
 
 def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: Recipe,
-                model: LoadedModel, *, batch_size: int = 4, overwrite: bool = False,
+                model: LoadedModel, *, batch_size: int | None = None, overwrite: bool = False,
                 progress: bool = True, report: Callable[[str], None] | None = None
                 ) -> Report:
     """Dreams every input into ``outdir``; reports one outcome per input, in order."""
@@ -114,7 +114,7 @@ def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: R
             outcomes[index] = Outcome(path, None, "failed", f"{path}: {error.strerror or error}")
             say(f"error: {path}: {error.strerror or error}")
 
-    engine = Engine(model, recipe.static_settings(), batch_size=batch_size)
+    engine = Engine(model, recipe.static_settings(), batch_size=batch_size or default_batch_size())
     params = recipe.item_params()
     groups = group_by_shape([images[i].shape for i in sorted(images)])
     order = sorted(images)

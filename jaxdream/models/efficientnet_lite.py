@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.layers import ConvBN
+from jaxdream.models.convert import OUT_IN_TO_IN_OUT, conv_bn_entries
+from jaxdream.models.layers import ConvBN, resolve_endpoints
 
 #: (repeats, kernel, stride, expand_ratio, in_channels, out_channels) of EfficientNet-B0's stages.
 _B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -33,10 +34,6 @@ _B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 6, 192, 320),
 )
 
-#: PyTorch OIHW -> JAX HWIO (also right for depthwise (C,1,k,k) -> (k,k,1,C)).
-OIHW_TO_HWIO = (2, 3, 1, 0)
-#: PyTorch Linear (out, in) -> (in, out).
-OUT_IN_TO_IN_OUT = (1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +138,7 @@ class EfficientNetLite(nnx.Module):
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
         order = self.endpoint_names()
-        wanted = set(order if endpoints is None else endpoints)
-        unknown = wanted - set(order)
-        if unknown:
-            raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {order}")
-        deepest = max(order.index(name) for name in wanted)
+        wanted, deepest = resolve_endpoints(order, endpoints)
         out: dict[str, jax.Array] = {}
         # TF-style input scaling, which is what these weights were trained with.
         x = (pixels - 127.0) / 128.0
@@ -181,11 +174,7 @@ def key_map(config: LiteConfig = LITE0) -> list[tuple[tuple[str | int, ...], str
     entries: list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]] = []
 
     def conv_bn(target: tuple[str | int, ...], conv: str, bn: str) -> None:
-        entries.append(((*target, "kernel"), f"{conv}.weight", OIHW_TO_HWIO))
-        entries.append(((*target, "scale"), f"{bn}.weight", None))
-        entries.append(((*target, "bias"), f"{bn}.bias", None))
-        entries.append(((*target, "mean"), f"{bn}.running_mean", None))
-        entries.append(((*target, "var"), f"{bn}.running_var", None))
+        entries.extend(conv_bn_entries(target, conv, bn))
 
     conv_bn(("stem",), "_conv_stem", "_bn0")
     for i, spec in enumerate(config.blocks()):

@@ -31,16 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdream.models.layers import ConvBN, max_pool
+from jaxdream.models.convert import OUT_IN_TO_IN_OUT, KeyMapEntry, conv_bn_entries
+from jaxdream.models.layers import (
+    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, resolve_endpoints,
+)
 
-#: PyTorch conv weight OIHW -> JAX HWIO.
-OIHW_TO_HWIO = (2, 3, 1, 0)
-#: PyTorch Linear weight (out, in) -> (in, out).
-OUT_IN_TO_IN_OUT = (1, 0)
-
-#: torchvision's ImageNet normalisation, which its GoogLeNet weights are used with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: BatchNorm epsilon of torchvision's BasicConv2d.
 BN_EPS = 1e-3
@@ -195,11 +190,7 @@ class GoogLeNet(nnx.Module):
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
         order = self.endpoint_names()
-        wanted = set(order if endpoints is None else endpoints)
-        unknown = wanted - set(order)
-        if unknown:
-            raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {order}")
-        deepest = max(order.index(name) for name in wanted)
+        wanted, deepest = resolve_endpoints(order, endpoints)
         out: dict[str, jax.Array] = {}
         # ImageNet mean/std normalisation followed by transform_input, folded into one affine
         # map (see _input_affine): it comes out as pixels / 127.5 - 1 on every channel.
@@ -249,20 +240,13 @@ def endpoint_table(config: GoogLeNetConfig = DEFAULT_CONFIG) -> dict[str, tuple[
     return table
 
 
-KeyMapEntry = tuple[tuple[str | int, ...], str, tuple[int, ...] | None]
-
-
 def key_map(config: GoogLeNetConfig = DEFAULT_CONFIG) -> list[KeyMapEntry]:
     """(target parameter path, checkpoint key, transpose) for every parameter of the model,
     in torchvision's ``state_dict`` naming."""
     entries: list[KeyMapEntry] = []
 
     def basic_conv(target: tuple[str | int, ...], prefix: str) -> None:
-        entries.append(((*target, "kernel"), f"{prefix}.conv.weight", OIHW_TO_HWIO))
-        entries.append(((*target, "scale"), f"{prefix}.bn.weight", None))
-        entries.append(((*target, "bias"), f"{prefix}.bn.bias", None))
-        entries.append(((*target, "mean"), f"{prefix}.bn.running_mean", None))
-        entries.append(((*target, "var"), f"{prefix}.bn.running_var", None))
+        entries.extend(conv_bn_entries(target, f"{prefix}.conv", f"{prefix}.bn"))
 
     for name in _STEM:
         basic_conv((name,), name)

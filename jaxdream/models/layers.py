@@ -9,6 +9,7 @@ and saves a full elementwise pass over every activation in both the forward and 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Sequence
 from functools import partial
 from typing import Literal
 
@@ -16,10 +17,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+#: torchvision's ImageNet input normalisation (on 0..1 pixels).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 DepthwiseImpl = Literal["grouped", "shifted"]
 
 #: Environment variable that forces one depthwise-convolution form ("grouped" or "shifted").
 DEPTHWISE_ENV = "JAXDREAM_DEPTHWISE"
+
+
+def resolve_endpoints(order: Sequence[str], endpoints: Collection[str] | None
+                      ) -> tuple[set[str], int]:
+    """The endpoints to return (all if None) and the index of the deepest one in ``order``;
+    an unknown name is a KeyError that lists the model's endpoints."""
+    wanted = set(order if endpoints is None else endpoints)
+    unknown = wanted - set(order)
+    if unknown:
+        raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {list(order)}")
+    return wanted, max(order.index(name) for name in wanted)
 
 
 def depthwise_impl() -> DepthwiseImpl:

@@ -28,16 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.layers import ConvBN, max_pool
+from jaxdream.models.convert import OUT_IN_TO_IN_OUT, conv_bn_entries
+from jaxdream.models.layers import (
+    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, resolve_endpoints,
+)
 
-#: PyTorch OIHW -> JAX HWIO.
-OIHW_TO_HWIO = (2, 3, 1, 0)
-#: PyTorch Linear (out, in) -> (in, out).
-OUT_IN_TO_IN_OUT = (1, 0)
-
-#: torchvision's ImageNet normalisation, applied to pixels scaled to 0..1.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: torchvision's BatchNorm2d default.
 BN_EPS = 1e-5
@@ -124,11 +119,7 @@ class ResNet(nnx.Module):
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
         order = self.endpoint_names()
-        wanted = set(order if endpoints is None else endpoints)
-        unknown = wanted - set(order)
-        if unknown:
-            raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {order}")
-        deepest = max(order.index(name) for name in wanted)
+        wanted, deepest = resolve_endpoints(order, endpoints)
         out: dict[str, jax.Array] = {}
         x = pixels / 255.0
         x = (x - jnp.asarray(IMAGENET_MEAN, x.dtype)) / jnp.asarray(IMAGENET_STD, x.dtype)
@@ -179,11 +170,7 @@ def key_map(config: ResNetConfig = RESNET50) -> list[tuple[tuple[str | int, ...]
     entries: list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]] = []
 
     def conv_bn(target: tuple[str | int, ...], conv: str, bn: str) -> None:
-        entries.append(((*target, "kernel"), f"{conv}.weight", OIHW_TO_HWIO))
-        entries.append(((*target, "scale"), f"{bn}.weight", None))
-        entries.append(((*target, "bias"), f"{bn}.bias", None))
-        entries.append(((*target, "mean"), f"{bn}.running_mean", None))
-        entries.append(((*target, "var"), f"{bn}.running_var", None))
+        entries.extend(conv_bn_entries(target, conv, bn))
 
     conv_bn(("conv1",), "conv1", "bn1")
     channels = config.stem_channels

@@ -35,20 +35,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.layers import Conv, adaptive_avg_pool, max_pool
+from jaxdream.models.convert import OIHW_TO_HWIO, OUT_IN_TO_IN_OUT
+from jaxdream.models.layers import (
+    IMAGENET_MEAN, IMAGENET_STD, Conv, adaptive_avg_pool, max_pool, resolve_endpoints,
+)
 
 #: Configuration "D": output channels of each 3x3 convolution, "M" for a 2x2/2 max pool.
 _CONFIG_D: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                                     512, 512, 512, "M", 512, 512, 512, "M")
 
-#: PyTorch OIHW -> JAX HWIO.
-OIHW_TO_HWIO = (2, 3, 1, 0)
-#: PyTorch Linear (out, in) -> (in, out).
-OUT_IN_TO_IN_OUT = (1, 0)
 
 #: ImageNet statistics torchvision's weights were trained with (RGB, 0..1 scale).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Spatial size of the map fed to the classifier (torchvision's ``AdaptiveAvgPool2d((7, 7))``).
 POOLED_SIZE = (7, 7)
@@ -112,11 +109,7 @@ class VGG16(nnx.Module):
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
         order = self.endpoint_names()
-        wanted = set(order if endpoints is None else endpoints)
-        unknown = wanted - set(order)
-        if unknown:
-            raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {order}")
-        deepest = max(order.index(name) for name in wanted)
+        wanted, deepest = resolve_endpoints(order, endpoints)
         out: dict[str, jax.Array] = {}
         mean = jnp.asarray(IMAGENET_MEAN, pixels.dtype)
         std = jnp.asarray(IMAGENET_STD, pixels.dtype)
