@@ -158,7 +158,7 @@ def _use_compilation_cache() -> None:
     from jaxdream.engine import default_cache_dir, enable_compilation_cache
 
     try:
-        enable_compilation_cache(default_cache_dir() / "xla")
+        enable_compilation_cache(default_cache_dir())
     except OSError as error:  # a read-only home must not stop a dream, only slow it
         print(f"warning: compilation cache disabled: {error}", file=sys.stderr)
 

@@ -89,7 +89,7 @@ def dream(forward: Forward, image: jax.Array, params: SampleParams,
 
     root = jax.random.key(params.seed)
     detail = jnp.zeros_like(bases[-1])
-    x = image
+    x = image  # replaced in the first octave; keeps the type checker sure x is bound
     for octave, base in enumerate(reversed(bases)):
         if octave > 0:
             detail = _resize(detail, base.shape[:2])

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxdream.dream import SampleParams, StaticSettings, dream
 from jaxdream.models import LoadedModel
+from jaxdream.models.weights import cache_root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +90,8 @@ def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
 
 
 def default_cache_dir() -> Path:
-    """``$JAXDREAM_CACHE`` or ``$XDG_CACHE_HOME/jaxdream`` (``~/.cache/jaxdream``)."""
-    explicit = os.environ.get("JAXDREAM_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxdream"
+    """Where compiled programs are kept: ``<cache root>/xla``."""
+    return cache_root() / "xla"
 
 
 class Engine:
@@ -172,5 +169,3 @@ def group_by_shape(shapes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], l
         groups.setdefault(tuple(shape), []).append(index)
     return groups
 
-
-ProgressFn = Callable[[int], None]

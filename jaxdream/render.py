@@ -73,14 +73,6 @@ def output_paths(inputs: Sequence[str], outdir: Path) -> list[Path]:
     return outputs
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: Recipe,
                 model: LoadedModel, *, batch_size: int | None = None, overwrite: bool = False,
                 progress: bool = True, report: Callable[[str], None] | None = None
@@ -104,7 +96,8 @@ def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: R
             continue
         try:
             images[index] = load_rgb(path, max_side=recipe.max_side)
-            input_sha256[index] = _file_sha256(path)
+            with open(path, "rb") as handle:
+                input_sha256[index] = hashlib.file_digest(handle, "sha256").hexdigest()
         except JaxdreamError as error:
             images.pop(index, None)
             outcomes[index] = Outcome(path, None, "failed", str(error))

@@ -141,6 +141,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None
     return _load_cached(name, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
+@functools.cache
 def imagenet_labels() -> list[str]:
     """Human-readable ImageNet-1k class names (first WordNet lemma), in class-index order."""
     text = importlib.resources.files("jaxdream.models").joinpath("imagenet_labels.tsv")

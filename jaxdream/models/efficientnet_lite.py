@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdream.models.convert import OUT_IN_TO_IN_OUT, conv_bn_entries
-from jaxdream.models.layers import ConvBN, resolve_endpoints
+from jaxdream.models.layers import ConvBN, Stage, run_stages
 
 #: (repeats, kernel, stride, expand_ratio, in_channels, out_channels) of EfficientNet-B0's stages.
 _B0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
@@ -137,18 +137,11 @@ class EfficientNetLite(nnx.Module):
     def __call__(self, pixels: jax.Array,
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
-        order = self.endpoint_names()
-        wanted, deepest = resolve_endpoints(order, endpoints)
-        out: dict[str, jax.Array] = {}
         # TF-style input scaling, which is what these weights were trained with.
         x = (pixels - 127.0) / 128.0
-        for index, (name, layer) in enumerate(self._stages()):
-            x = out[name] = layer(x)
-            if index == deepest:
-                break
-        return {name: out[name] for name in order if name in wanted}
+        return run_stages(self._stages(), x, self.endpoint_names(), endpoints)
 
-    def _stages(self) -> Iterator[tuple[str, nnx.Module | object]]:
+    def _stages(self) -> Iterator[Stage]:
         yield "stem", self.stem
         for i, block in enumerate(self.blocks):
             yield f"block{i}", block

@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxdream.models.convert import OUT_IN_TO_IN_OUT, KeyMapEntry, conv_bn_entries
 from jaxdream.models.layers import (
-    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, resolve_endpoints,
+    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, run_stages,
 )
 
 
@@ -189,18 +189,11 @@ class GoogLeNet(nnx.Module):
     def __call__(self, pixels: jax.Array,
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
-        order = self.endpoint_names()
-        wanted, deepest = resolve_endpoints(order, endpoints)
-        out: dict[str, jax.Array] = {}
         # ImageNet mean/std normalisation followed by transform_input, folded into one affine
         # map (see _input_affine): it comes out as pixels / 127.5 - 1 on every channel.
         x = (pixels * jnp.asarray(_INPUT_SCALE, pixels.dtype)
              + jnp.asarray(_INPUT_SHIFT, pixels.dtype))
-        for index, (name, layer) in enumerate(self._stages()):
-            x = out[name] = layer(x)
-            if index == deepest:
-                break
-        return {name: out[name] for name in order if name in wanted}
+        return run_stages(self._stages(), x, self.endpoint_names(), endpoints)
 
     def _stages(self) -> Iterator[tuple[str, Callable[[jax.Array], jax.Array]]]:
         for name in ENDPOINTS:

@@ -9,7 +9,7 @@ and saves a full elementwise pass over every activation in both the forward and 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
 from typing import Literal
 
@@ -27,15 +27,28 @@ DepthwiseImpl = Literal["grouped", "shifted"]
 DEPTHWISE_ENV = "JAXDREAM_DEPTHWISE"
 
 
-def resolve_endpoints(order: Sequence[str], endpoints: Collection[str] | None
-                      ) -> tuple[set[str], int]:
-    """The endpoints to return (all if None) and the index of the deepest one in ``order``;
-    an unknown name is a KeyError that lists the model's endpoints."""
+Stage = tuple[str, Callable[[jax.Array], jax.Array]]
+
+
+def run_stages(stages: Iterable[Stage], x: jax.Array, order: Sequence[str],
+               endpoints: Collection[str] | None) -> dict[str, jax.Array]:
+    """Runs a model's named stages in order and stops after the deepest requested endpoint.
+
+    Returns the requested endpoints (all of them if ``endpoints`` is None); an unknown name is
+    a KeyError that lists the model's endpoints.
+    """
     wanted = set(order if endpoints is None else endpoints)
     unknown = wanted - set(order)
     if unknown:
         raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has {list(order)}")
-    return wanted, max(order.index(name) for name in wanted)
+    deepest = max(order.index(name) for name in wanted)
+    out: dict[str, jax.Array] = {}
+    for index, (name, stage) in enumerate(stages):
+        assert name == order[index], f"stage {name!r} out of order"
+        x = out[name] = stage(x)
+        if index == deepest:
+            break
+    return {name: out[name] for name in order if name in wanted}
 
 
 def depthwise_impl() -> DepthwiseImpl:

@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxdream.models.convert import OUT_IN_TO_IN_OUT, conv_bn_entries
 from jaxdream.models.layers import (
-    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, resolve_endpoints,
+    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, run_stages,
 )
 
 
@@ -118,17 +118,9 @@ class ResNet(nnx.Module):
     def __call__(self, pixels: jax.Array,
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
-        order = self.endpoint_names()
-        wanted, deepest = resolve_endpoints(order, endpoints)
-        out: dict[str, jax.Array] = {}
         x = pixels / 255.0
         x = (x - jnp.asarray(IMAGENET_MEAN, x.dtype)) / jnp.asarray(IMAGENET_STD, x.dtype)
-        for index, (name, layer) in enumerate(self._stages()):
-            assert name == order[index]
-            x = out[name] = layer(x)
-            if index == deepest:
-                break
-        return {name: out[name] for name in order if name in wanted}
+        return run_stages(self._stages(), x, self.endpoint_names(), endpoints)
 
     def _stages(self) -> Iterator[tuple[str, Callable[[jax.Array], jax.Array]]]:
         yield "conv1", self.conv1

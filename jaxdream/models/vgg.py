@@ -37,7 +37,7 @@ from flax import nnx
 
 from jaxdream.models.convert import OIHW_TO_HWIO, OUT_IN_TO_IN_OUT
 from jaxdream.models.layers import (
-    IMAGENET_MEAN, IMAGENET_STD, Conv, adaptive_avg_pool, max_pool, resolve_endpoints,
+    IMAGENET_MEAN, IMAGENET_STD, Conv, adaptive_avg_pool, max_pool, run_stages,
 )
 
 #: Configuration "D": output channels of each 3x3 convolution, "M" for a 2x2/2 max pool.
@@ -108,17 +108,10 @@ class VGG16(nnx.Module):
     def __call__(self, pixels: jax.Array,
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
         """Runs up to the deepest requested endpoint (all of them if ``endpoints`` is None)."""
-        order = self.endpoint_names()
-        wanted, deepest = resolve_endpoints(order, endpoints)
-        out: dict[str, jax.Array] = {}
         mean = jnp.asarray(IMAGENET_MEAN, pixels.dtype)
         std = jnp.asarray(IMAGENET_STD, pixels.dtype)
         x = (pixels / 255.0 - mean) / std
-        for index, (name, layer) in enumerate(self._stages()):
-            x = out[name] = layer(x)
-            if index == deepest:
-                break
-        return {name: out[name] for name in order if name in wanted}
+        return run_stages(self._stages(), x, self.endpoint_names(), endpoints)
 
     def _stages(self) -> Iterator[tuple[str, Callable[[jax.Array], jax.Array]]]:
         convs = iter(self.convs)

@@ -52,13 +52,19 @@ class WeightsSource:
         return f"{self.url} (jaxdream weights fetch)"
 
 
-def cache_dir() -> Path:
-    """``$JAXDREAM_CACHE/weights``, else ``$XDG_CACHE_HOME/jaxdream/weights``."""
+def cache_root() -> Path:
+    """jaxdream's cache: ``$JAXDREAM_CACHE``, else ``$XDG_CACHE_HOME/jaxdream`` (by default
+    ``~/.cache/jaxdream``). Weights live in ``weights/`` and compiled programs in ``xla/``."""
     explicit = os.environ.get("JAXDREAM_CACHE")
     if explicit:
-        return Path(explicit) / "weights"
+        return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxdream" / "weights"
+    return Path(base) / "jaxdream"
+
+
+def cache_dir() -> Path:
+    """Where fetched weights are kept: ``<cache root>/weights``."""
+    return cache_root() / "weights"
 
 
 def locate(source: WeightsSource) -> Path | None:
