@@ -184,8 +184,9 @@ def _run_dream(args: argparse.Namespace) -> int:
     if not inputs:
         raise JaxdreamError("no input images found")
     start = time.perf_counter()
-    report = dream_files(inputs, args.output, recipe, model, batch_size=args.batch_size,
-                         overwrite=args.overwrite, progress=not args.quiet)
+    report = dream_files(inputs, args.output, recipe, weights=args.weights,
+                         batch_size=args.batch_size, overwrite=args.overwrite,
+                         progress=not args.quiet)
     outcomes = report.outcomes
     done = sum(o.status == "done" for o in outcomes)
     failed = sum(o.status == "failed" for o in outcomes)

@@ -19,6 +19,9 @@ from jaxdream.errors import ConfigError
 from jaxdream.objectives import format_layers, parse_layers
 
 MAX_SEED = 2**32 - 1
+OBJECTIVES = ("l2", "channel", "neuron", "guide")
+NORMALISERS = ("mean", "laplacian", "gaussian")
+UPDATES = ("ascent", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,22 @@ class Recipe:
     #: Longer side of the image the dream runs at; ``None`` keeps the input's size.
     max_side: int | None = 1024
     preset: str = "classic"
+    #: What to amplify at each layer: "l2" (the energy, classic), "channel" (mean activation of
+    #: ``channels``), "neuron" (``channels`` at the feature map's centre), "guide" (features
+    #: of the ``guide`` image, matched as in the original notebook).
+    objective: str = "l2"
+    channels: tuple[int, ...] = ()
+    guide: str | None = None
+    #: How the raw gradient is shaped before the step: "mean" (classic: divided by its mean
+    #: |g|), "laplacian" (each of 4 Laplacian-pyramid bands normalised), "gaussian" (smoothed
+    #: by Gaussians of growing width). The step size always sets the mean |change| per step.
+    normaliser: str = "mean"
+    #: "ascent" (classic normalised gradient ascent) or "adam" (lucid-style).
+    update: str = "ascent"
+    #: Octaves whose longer side exceeds ``tile_above`` pixels compute their gradient in
+    #: ``tile_size`` tiles (with a fresh random roll each step); 0 never tiles.
+    tile_size: int = 512
+    tile_above: int = 1280
 
     def validate(self, source: str = "recipe") -> Recipe:
         """Returns self if every value is possible, else raises ConfigError naming the key."""
@@ -72,6 +91,30 @@ class Recipe:
                                   f"input's own size), got {self.max_side!r}")
         if self.layers is not None and not self.layers:
             raise bad("layers", "is empty")
+        for key, value, choices in (("objective", self.objective, OBJECTIVES),
+                                    ("normaliser", self.normaliser, NORMALISERS),
+                                    ("update", self.update, UPDATES)):
+            if value not in choices:
+                raise bad(key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
+        if not isinstance(self.channels, tuple) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.channels):
+            raise bad("channels", f"expected a list of channel indices (integers >= 0), got "
+                                  f"{self.channels!r}")
+        if self.objective in ("channel", "neuron") and not self.channels:
+            raise bad("channels", f"objective {self.objective!r} needs at least one channel")
+        if self.objective not in ("channel", "neuron") and self.channels:
+            raise bad("channels", f"only the channel and neuron objectives use channels, "
+                                  f"not {self.objective!r}")
+        if self.objective == "guide" and not (isinstance(self.guide, str) and self.guide):
+            raise bad("guide", "objective 'guide' needs a guide image path")
+        if self.objective != "guide" and self.guide is not None:
+            raise bad("guide", "a guide image is only used by objective 'guide'")
+        for key, value in (("tile_size", self.tile_size), ("tile_above", self.tile_above)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(key, f"expected an integer >= 0, got {value!r}")
+        if self.tile_above and self.tile_size < 64:
+            raise bad("tile_size", f"must be at least 64 pixels when tiling, got "
+                                   f"{self.tile_size}")
         return self
 
     def with_layers(self, text: str, known: list[str]) -> Recipe:
@@ -109,6 +152,13 @@ class Recipe:
             "seed": self.seed,
             "max_side": self.max_side,
             "preset": self.preset,
+            "objective": self.objective,
+            "channels": list(self.channels),
+            "guide": self.guide,
+            "normaliser": self.normaliser,
+            "update": self.update,
+            "tile_size": self.tile_size,
+            "tile_above": self.tile_above,
         }
         if extra:
             data.update(extra)
@@ -125,7 +175,7 @@ PRESETS: dict[str, Recipe] = {
 }
 
 #: Keys of a recipe JSON that describe where it came from rather than the dream itself.
-_META_KEYS = {"jaxdream", "weights_sha256", "weights", "input"}
+_META_KEYS = {"jaxdream", "weights_sha256", "weights", "input", "id", "grid"}
 _FIELDS = {field.name for field in dataclasses.fields(Recipe)}
 
 
@@ -148,6 +198,11 @@ def recipe_from_json(data: Mapping[str, Any], source: str) -> tuple[Recipe, str 
                            for v in layers.values())):
             raise ConfigError(f"{source}: layers: expected an object of endpoint -> weight")
         values["layers"] = tuple((name, float(weight)) for name, weight in layers.items())
+    if "channels" in values:
+        channels = values["channels"]
+        if not isinstance(channels, list):
+            raise ConfigError(f"{source}: channels: expected a list of channel indices")
+        values["channels"] = tuple(channels)
     if not isinstance(values.get("model", ""), str):
         raise ConfigError(f"{source}: model: expected a name")
     recipe = dataclasses.replace(PRESETS[preset_name], **values).validate(source)

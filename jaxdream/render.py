@@ -1,34 +1,58 @@
-"""Dreams image files into an output folder on this machine: what ``jaxdream dream`` runs.
+"""Dreams image files into an output folder in this process: what ``jaxdream dream`` runs, and
+what each Ray worker of ``jaxdream run`` runs on its units of work.
 
-Inputs are loaded one by one (a bad file is reported and skipped, never fatal), grouped by
-size so that equal sizes share batches and one compiled program, rendered through the engine,
-and written atomically as PNGs that carry their recipe.
+A job is planned into :class:`WorkItem` values (input, resolved recipe, output path, stable id),
+then rendered by :func:`render_items`: images are loaded one by one (a bad file becomes a failed
+outcome, never an exception), items that share a compiled program (model, static settings) are
+handed to one engine, which buckets their shapes into few programs, and each result is written
+atomically as a PNG that carries its recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from tqdm import tqdm
 
-from jaxdream.engine import CompileStats, Engine, default_batch_size, group_by_shape
+from jaxdream import __version__
+from jaxdream.engine import CompileStats, Engine, default_batch_size
 from jaxdream.errors import JaxdreamError
 from jaxdream.images import load_rgb, save_png, to_uint8
-from jaxdream.models import LoadedModel
+from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
+
+if TYPE_CHECKING:
+    from jaxdream.config import JobConfig
 
 Status = Literal["done", "failed", "skipped"]
 
 _UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
+
+#: Items loaded into memory at a time by :func:`render_items`; bounds memory on long folders
+#: while still giving the engine enough same-bucket images to fill its batches.
+CHUNK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One output to render: an input photo under one recipe."""
+
+    id: str
+    input: str
+    output: Path
+    recipe: Recipe
+    point: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    input_sha256: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +61,8 @@ class Outcome:
     output: Path | None
     status: Status
     reason: str = ""
+    id: str = ""
+    seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -52,88 +78,220 @@ def _safe_stem(path: str) -> str:
     return stem[:100] or "image"
 
 
-def output_paths(inputs: Sequence[str], outdir: Path) -> list[Path]:
-    """Deterministic ``OUTDIR/<stem>_dream.png`` names, unique, never equal to an input.
+def output_stems(inputs: Sequence[str], outdir: Path) -> list[str]:
+    """Deterministic, unique output stems, one per input, safe as file names.
 
     Inputs whose names would collide (``a/cat.jpg`` and ``b/cat.png``) get a short hash of the
-    path as given, so the same command always writes the same names.
+    path as given, so the same command always writes the same names; so does a name whose
+    output would land on an input.
     """
     stems = [_safe_stem(path) for path in inputs]
     resolved_inputs = {os.path.realpath(path) for path in inputs}
     counts: dict[str, int] = {}
     for stem in stems:
         counts[stem] = counts.get(stem, 0) + 1
-    outputs: list[Path] = []
+    unique: list[str] = []
     for path, stem in zip(inputs, stems, strict=True):
-        candidate = outdir / f"{stem}_dream.png"
-        if counts[stem] > 1 or os.path.realpath(candidate) in resolved_inputs:
+        clash = any(os.path.realpath(outdir / f"{stem}{suffix}") in resolved_inputs
+                    for suffix in ("_dream.png", "_grid.png"))
+        if counts[stem] > 1 or clash:
             digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-            candidate = outdir / f"{stem}_{digest}_dream.png"
-        outputs.append(candidate)
-    return outputs
+            stem = f"{stem}_{digest}"
+        unique.append(stem)
+    return unique
 
 
-def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: Recipe,
-                model: LoadedModel, *, batch_size: int | None = None, overwrite: bool = False,
-                progress: bool = True, report: Callable[[str], None] | None = None
-                ) -> Report:
-    """Dreams every input into ``outdir``; reports one outcome per input, in order."""
+def output_paths(inputs: Sequence[str], outdir: Path) -> list[Path]:
+    """``OUTDIR/<stem>_dream.png`` for each input (see :func:`output_stems`)."""
+    return [outdir / f"{stem}_dream.png" for stem in output_stems(inputs, outdir)]
+
+
+def variant_path(outdir: Path, stem: str, variant: int, variants: int) -> Path:
+    """``<stem>_dream.png`` for a single recipe, ``<stem>_dream_007.png`` within a grid."""
+    if variants == 1:
+        return outdir / f"{stem}_dream.png"
+    return outdir / f"{stem}_dream_{variant:0{len(str(variants - 1))}d}.png"
+
+
+def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
+            guide_sha256: str | None = None) -> str:
+    """A stable id: the same photo, parameters, weights and jaxdream version give the same id."""
+    identity = {"input": input_sha256, "guide": guide_sha256, "jaxdream": __version__,
+                "recipe": recipe.to_json(weights_sha256=model_weights_sha256)}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _read_failure(path: str, error: OSError) -> str:
+    return f"{path}: {error.strerror or error}"
+
+
+def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
+         variants: Sequence[tuple[Recipe, Mapping[str, Any]]], *,
+         weights: str | None = None) -> tuple[list[WorkItem], list[Outcome]]:
+    """Work items for every input under every recipe, and failures for unreadable inputs.
+
+    Each input is hashed here (its content is part of every item's id); an input that cannot
+    be read becomes one failed outcome instead of items. Images are not decoded: a file that
+    is not an image is reported when a worker loads it.
+    """
+    out = Path(outdir)
+    stems = output_stems(inputs, out)
+    identities = {recipe.model: weights_sha256(recipe.model, weights) for recipe, _ in variants}
+    items: list[WorkItem] = []
+    failures: list[Outcome] = []
+    for path, stem in zip(inputs, stems, strict=True):
+        try:
+            digest = _file_sha256(path)
+        except OSError as error:
+            failures.append(Outcome(path, None, "failed", _read_failure(path, error)))
+            continue
+        for index, (recipe, point) in enumerate(variants):
+            guide = _file_sha256(recipe.guide) if recipe.guide else None
+            items.append(WorkItem(
+                id=item_id(digest, recipe, identities[recipe.model], guide), input=path,
+                output=variant_path(out, stem, index, len(variants)), recipe=recipe,
+                point=dict(point), input_sha256=digest))
+    return items, failures
+
+
+def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
+    """:func:`plan` for a loaded job config (inputs expanded, every grid variant)."""
+    from jaxdream.config import expand_inputs
+
+    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs")
+    return plan(inputs, config.output, [(v.recipe, v.point) for v in config.variants],
+                weights=config.weights)
+
+
+def _load(item: WorkItem) -> np.ndarray:
+    image = load_rgb(item.input, max_side=item.recipe.max_side)
+    if item.input_sha256 and _file_sha256(item.input) != item.input_sha256:
+        raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
+    return image
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
+                 batch_size: int | None = None, overwrite: bool = False, progress: bool = False,
+                 on_outcome: Callable[[Outcome], None] | None = None,
+                 report: Callable[[str], None] | None = None) -> Report:
+    """Renders every item and writes its PNG; returns one outcome per item, in item order.
+
+    Per-item problems (an unreadable or undecodable image, a failed write) become failed
+    outcomes with a one-line reason and never stop the others. An existing output is skipped
+    unless ``overwrite``. ``on_outcome`` is called as each item finishes.
+    """
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    outcomes: list[Outcome | None] = [None] * len(items)
+    stats = CompileStats()
+    start = time.perf_counter()
+
+    def finish(index: int, outcome: Outcome) -> None:
+        outcomes[index] = outcome
+        if outcome.status == "failed":
+            say(f"error: {outcome.reason}")
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    # Items sharing a compiled program go to one engine; the engine buckets their shapes.
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, item in enumerate(items):
+        recipe = item.recipe
+        groups.setdefault((recipe.model, recipe.static_settings()), []).append(index)
+
+    bar = tqdm(total=len(items), unit="img", disable=not progress, file=sys.stderr,
+               desc="dreaming")
+    try:
+        for (model_name, settings), members in groups.items():
+            todo: list[int] = []
+            for index in members:
+                item = items[index]
+                if item.output.exists() and not overwrite:
+                    finish(index, Outcome(item.input, item.output, "skipped",
+                                          "output exists (pass --overwrite to replace it)",
+                                          item.id))
+                    bar.update(1)
+                else:
+                    todo.append(index)
+            if not todo:
+                continue
+            model = load_model(model_name, weights)
+            engine = Engine(model, settings, batch_size=batch_size or default_batch_size())
+            for chunk in _chunks(todo, CHUNK):
+                images: list[np.ndarray] = []
+                loaded: list[int] = []
+                for index in chunk:
+                    item = items[index]
+                    try:
+                        images.append(_load(item))
+                        loaded.append(index)
+                    except JaxdreamError as error:
+                        finish(index, Outcome(item.input, None, "failed", str(error), item.id))
+                        bar.update(1)
+                    except OSError as error:
+                        finish(index, Outcome(item.input, None, "failed",
+                                              _read_failure(item.input, error), item.id))
+                        bar.update(1)
+                params = [items[index].recipe.item_params() for index in loaded]
+                batch_start = time.perf_counter()
+                for slot, result in engine.render_iter(images, params):
+                    index = loaded[slot]
+                    item = items[index]
+                    seconds = time.perf_counter() - batch_start
+                    finish(index, _write(item, result, model, seconds))
+                    batch_start = time.perf_counter()
+                    bar.update(1)
+            stats.programs += engine.stats.programs
+            stats.seconds += engine.stats.seconds
+    finally:
+        bar.close()
+    return Report([outcome for outcome in outcomes if outcome is not None], stats,
+                  time.perf_counter() - start)
+
+
+def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float) -> Outcome:
+    extra: dict[str, Any] = {
+        "input": {"name": Path(item.input).name, "sha256": item.input_sha256,
+                  "width": int(result.shape[1]), "height": int(result.shape[0])},
+        "weights": model.weights_path.name, "id": item.id}
+    if item.point:
+        extra["grid"] = dict(item.point)
+    try:
+        item.output.parent.mkdir(parents=True, exist_ok=True)
+        save_png(item.output, to_uint8(result),
+                 item.recipe.to_json(weights_sha256=model.weights_sha256, extra=extra))
+    except (JaxdreamError, OSError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        return Outcome(item.input, None, "failed", f"{item.output}: cannot write: {reason}",
+                       item.id, seconds)
+    return Outcome(item.input, item.output, "done", "", item.id, seconds)
+
+
+def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: Recipe, *,
+                weights: str | None = None, batch_size: int | None = None,
+                overwrite: bool = False, progress: bool = True,
+                report: Callable[[str], None] | None = None) -> Report:
+    """Dreams every input into ``outdir`` with one recipe; one outcome per input, in order."""
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-
-    outputs = output_paths(inputs, out)
-    outcomes: list[Outcome | None] = [None] * len(inputs)
-    images: dict[int, np.ndarray] = {}
-    input_sha256: dict[int, str] = {}
-    for index, path in enumerate(inputs):
-        if outputs[index].exists() and not overwrite:
-            outcomes[index] = Outcome(path, outputs[index], "skipped",
-                                      "output exists (pass --overwrite to replace it)")
-            say(f"skipped {path}: {outputs[index]} exists (pass --overwrite to replace it)")
-            continue
-        try:
-            images[index] = load_rgb(path, max_side=recipe.max_side)
-            with open(path, "rb") as handle:
-                input_sha256[index] = hashlib.file_digest(handle, "sha256").hexdigest()
-        except JaxdreamError as error:
-            images.pop(index, None)
-            outcomes[index] = Outcome(path, None, "failed", str(error))
-            say(f"error: {error}")
-        except OSError as error:
-            images.pop(index, None)
-            outcomes[index] = Outcome(path, None, "failed", f"{path}: {error.strerror or error}")
-            say(f"error: {path}: {error.strerror or error}")
-
-    engine = Engine(model, recipe.static_settings(), batch_size=batch_size or default_batch_size())
-    params = recipe.item_params()
-    groups = group_by_shape([images[i].shape for i in sorted(images)])
-    order = sorted(images)
-    start = time.perf_counter()
-    bar = tqdm(total=len(images), unit="img", disable=not progress, file=sys.stderr,
-               desc="dreaming")
-    try:
-        for shape, members in groups.items():
-            indices = [order[m] for m in members]
-            bar.set_postfix_str(f"{shape[1]}x{shape[0]}")
-            results = engine.render_iter([images[i] for i in indices], [params] * len(indices))
-            for slot, result in results:
-                index = indices[slot]
-                path = inputs[index]
-                extra = {"input": {"name": Path(path).name, "sha256": input_sha256[index],
-                                   "width": int(result.shape[1]), "height": int(result.shape[0])},
-                         "weights": model.weights_path.name}
-                try:
-                    save_png(outputs[index], to_uint8(result),
-                             recipe.to_json(weights_sha256=model.weights_sha256, extra=extra))
-                    outcomes[index] = Outcome(path, outputs[index], "done")
-                except (JaxdreamError, OSError) as error:
-                    outcomes[index] = Outcome(path, None, "failed", str(error))
-                    say(f"error: {path}: {error}")
-                bar.update(1)
-    finally:
-        bar.close()
-    return Report([outcome for outcome in outcomes if outcome is not None], engine.stats,
-                  time.perf_counter() - start)
+    items, failures = plan(inputs, out, [(recipe, {})], weights=weights)
+    say = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    for failure in failures:
+        say(f"error: {failure.reason}")
+    result = render_items(items, weights=weights, batch_size=batch_size, overwrite=overwrite,
+                          progress=progress, report=report)
+    by_input = {outcome.input: outcome for outcome in [*failures, *result.outcomes]}
+    result.outcomes = [by_input[path] for path in inputs if path in by_input]
+    return result

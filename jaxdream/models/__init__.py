@@ -122,9 +122,9 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
     return LoadedModel(spec, module, Path(weights), sha256_file(weights))
 
 
-def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None = None
-               ) -> LoadedModel:
-    """Builds ``name`` and loads ``weights`` (a checkpoint file), or its installed weights."""
+def resolve_weights(name: str, weights: str | os.PathLike[str] | None = None) -> Path:
+    """The checkpoint ``load_model`` would read: ``weights`` if given, else the installed or
+    fetched official file; a clear error when there is none."""
     spec = get_spec(name)
     if weights is None:
         path = spec.local_weights()
@@ -133,10 +133,32 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None
                    else f"run `jaxdream weights fetch {name}`")
             raise JaxdreamError(f"model {name!r} has no weights on this machine "
                                 f"({spec.weights.describe()}): {how}, or pass --weights FILE")
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise JaxdreamError(f"weights file {str(weights)!r} does not exist or is not a file")
+        return path
+    path = Path(weights)
+    if not path.is_file():
+        raise JaxdreamError(f"weights file {str(weights)!r} does not exist or is not a file")
+    return path
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
+    from jaxdream.models.checkpoint import sha256_file
+
+    return sha256_file(path)
+
+
+def weights_sha256(name: str, weights: str | os.PathLike[str] | None = None) -> str:
+    """SHA-256 of the checkpoint ``load_model(name, weights)`` would read, without loading it
+    (what a job driver needs to give work items stable ids)."""
+    path = resolve_weights(name, weights)
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: str | os.PathLike[str] | None = None
+               ) -> LoadedModel:
+    """Builds ``name`` and loads ``weights`` (a checkpoint file), or its installed weights."""
+    path = resolve_weights(name, weights)
     stat = path.stat()
     return _load_cached(name, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
