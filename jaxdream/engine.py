@@ -1,14 +1,19 @@
 """Runs many dreams through few compiled programs.
 
-Images of the same size are stacked into batches of a fixed size (the last one padded with a
-copy that is thrown away), per-image parameters ride along as vmapped arrays, and each compiled
-program is kept for reuse and counted, so a caller can report what compiling cost.
+Images are placed in shape buckets (each side rounded up to a multiple of ``bucket``; the image
+sits in the top-left corner and the padding is masked out of the dream, see
+:mod:`jaxdream.dream`), stacked into batches of a fixed size (the last one padded with a copy
+that is thrown away), and per-image parameters ride along as vmapped arrays. One compiled
+program serves every batch of a bucket; programs are kept for reuse and counted, so a caller
+can report what compiling cost. With several devices the batch axis is sharded across them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -20,10 +25,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdream.dream import SampleParams, StaticSettings, dream
+from jaxdream.dream import SampleParams, StaticSettings, dream, octave_shapes
+from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
 from jaxdream.models.weights import cache_root
+from jaxdream.objectives import Term, TermParams, term_params
+
+#: Guide images are squeezed to this square before their features are taken, so every guide
+#: gives features of one shape (the original notebook used a 224 x 224 crop).
+GUIDE_SIDE = 224
+
+#: Default bucket granularity in pixels: at most 63 pixels of padding per side.
+DEFAULT_BUCKET = 64
+
+#: Compiled programs kept per process (least recently used ones are dropped).
+MAX_PROGRAMS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +52,59 @@ class ItemParams:
     jitter: int
     seed: int
     layer_weights: tuple[float, ...]
+    channels: tuple[int, ...] = ()
+    guide: str | None = None  # path of the guide image, for the guide objective
 
 
-def _render_batch(graphdef: Any, settings: StaticSettings, state: Any, images: jax.Array,
-                  params: SampleParams) -> jax.Array:
+@dataclasses.dataclass
+class CompileStats:
+    #: Programs built in this process (lowered and compiled, or loaded from the disk cache).
+    programs: int = 0
+    seconds: float = 0.0
+    #: Of those, how many XLA compiled afresh (not found in the persistent cache).
+    compiled: int = 0
+
+    def add(self, other: CompileStats) -> None:
+        self.programs += other.programs
+        self.seconds += other.seconds
+        self.compiled += other.compiled
+
+    def describe(self) -> str:
+        loaded = self.programs - self.compiled
+        return (f"{self.programs} program(s) in {self.seconds:.1f} s ({self.compiled} compiled, "
+                f"{loaded} from the compilation cache)")
+
+
+_cache_hits = 0
+
+
+def _count_hits(event: str, **kwargs: Any) -> None:
+    global _cache_hits
+    if event == "/jax/compilation_cache/cache_hits":
+        _cache_hits += 1
+
+
+jax.monitoring.register_event_listener(_count_hits)
+
+
+def bucket_shape(height: int, width: int, bucket: int) -> tuple[int, int]:
+    """The buffer an image of ``height`` x ``width`` is dreamed in (``bucket`` <= 1: exact)."""
+    if bucket <= 1:
+        return height, width
+    return math.ceil(height / bucket) * bucket, math.ceil(width / bucket) * bucket
+
+
+def _render_batch(graphdef: Any, settings: StaticSettings, compute_dtype: Any, state: Any,
+                  images: jax.Array, params: SampleParams) -> jax.Array:
+    if compute_dtype is not None:
+        state = jax.tree.map(lambda leaf: leaf.astype(compute_dtype)
+                             if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf, state)
     model = nnx.merge(graphdef, state)
 
     def forward(x: jax.Array) -> dict[str, jax.Array]:
-        return model(x, settings.layers)
+        # The image (the accumulator of the ascent) stays float32; only the network runs in
+        # the compute dtype.
+        return model(x if compute_dtype is None else x.astype(compute_dtype), settings.layers)
 
     if images.shape[0] == 1:
         # A batch of one skips vmap: XLA on CPU runs some batched convolution gradients up to
@@ -52,29 +115,22 @@ def _render_batch(graphdef: Any, settings: StaticSettings, state: Any, images: j
     return jax.vmap(lambda image, p: dream(forward, image, p, settings))(images, params)
 
 
-def stack_params(items: Sequence[ItemParams]) -> SampleParams:
-    return SampleParams(
-        step_size=jnp.asarray([p.step_size for p in items], jnp.float32),
-        jitter=jnp.asarray([p.jitter for p in items], jnp.int32),
-        seed=jnp.asarray(np.asarray([p.seed for p in items], np.uint32)),
-        layer_weights=jnp.asarray([p.layer_weights for p in items], jnp.float32),
-    )
+@functools.lru_cache(maxsize=32)
+def _jitted(graphdef: Any, settings: StaticSettings, compute_dtype: Any) -> Any:
+    return jax.jit(partial(_render_batch, graphdef, settings, compute_dtype))
 
 
-@dataclasses.dataclass
-class CompileStats:
-    programs: int = 0
-    seconds: float = 0.0
+@functools.lru_cache(maxsize=8)
+def _jitted_features(graphdef: Any, layers: tuple[str, ...]) -> Any:
+    def features(state: Any, image: jax.Array) -> dict[str, jax.Array]:
+        return nnx.merge(graphdef, state)(image[None], layers)
+
+    return jax.jit(features)
 
 
 #: Compiled programs shared by every Engine in the process, keyed by everything that selects
-#: one: the model's structure, the static settings, and the batch's shapes.
-_PROGRAMS: dict[tuple[Any, ...], Any] = {}
-
-
-@functools.lru_cache(maxsize=32)
-def _jitted(graphdef: Any, settings: StaticSettings) -> Any:
-    return jax.jit(partial(_render_batch, graphdef, settings))
+#: one: the model's structure, the static settings, the dtype and the batch's shapes.
+_PROGRAMS: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
 
 
 def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
@@ -94,63 +150,6 @@ def default_cache_dir() -> Path:
     return cache_root() / "xla"
 
 
-class Engine:
-    """Dreams batches of same-sized images with one model and one set of static settings."""
-
-    def __init__(self, model: LoadedModel, settings: StaticSettings, batch_size: int = 4):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        unknown = [name for name in settings.layers if name not in model.spec.endpoints]
-        if unknown:
-            raise KeyError(f"model {model.spec.name} has no endpoint(s) {unknown}")
-        self._graphdef, self._state = nnx.split(model.module)
-        self.settings = settings
-        self.batch_size = batch_size
-        self.stats = CompileStats()
-
-    def _program(self, images: jax.Array, params: SampleParams) -> Any:
-        key = (self._graphdef, self.settings, tuple(images.shape),
-               tuple(params.layer_weights.shape))
-        program = _PROGRAMS.get(key)
-        if program is None:
-            start = time.perf_counter()
-            program = _jitted(self._graphdef, self.settings).lower(
-                self._state, images, params).compile()
-            self.stats.programs += 1
-            self.stats.seconds += time.perf_counter() - start
-            _PROGRAMS[key] = program
-        return program
-
-    def render(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]) -> list[np.ndarray]:
-        """Dreams same-sized H x W x 3 images (any dtype, 0..255) in fixed-size batches.
-
-        Returns float32 arrays on the 0..255 scale, one per input, in order.
-        """
-        return [out for _, out in self.render_iter(images, params)]
-
-    def render_iter(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]
-                    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Like :meth:`render` but yields (index, result) as each batch finishes."""
-        if len(images) != len(params):
-            raise ValueError("images and params differ in length")
-        if not images:
-            return
-        shapes = {tuple(image.shape) for image in images}
-        if len(shapes) != 1:
-            raise ValueError(f"render needs images of one shape, got {sorted(shapes)}")
-        batch = min(self.batch_size, len(images))
-        for start in range(0, len(images), batch):
-            chunk = list(range(start, min(start + batch, len(images))))
-            # Pad the last batch with copies of its first image so it reuses the program.
-            padded = chunk + [chunk[0]] * (batch - len(chunk))
-            stacked = jnp.asarray(np.stack([images[i] for i in padded]).astype(np.float32))
-            stacked_params = stack_params([params[i] for i in padded])
-            out = np.asarray(self._program(stacked, stacked_params)(
-                self._state, stacked, stacked_params))
-            for slot, index in enumerate(chunk):
-                yield index, out[slot]
-
-
 def default_batch_size() -> int:
     """Images per compiled call when the user does not say.
 
@@ -162,10 +161,149 @@ def default_batch_size() -> int:
     return 1 if jax.default_backend() == "cpu" else 8
 
 
-def group_by_shape(shapes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
-    """Indices of items grouped by image shape, in first-seen order."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, shape in enumerate(shapes):
-        groups.setdefault(tuple(shape), []).append(index)
-    return groups
+class Engine:
+    """Dreams images of any sizes with one model and one set of static settings."""
 
+    def __init__(self, model: LoadedModel, settings: StaticSettings, batch_size: int = 1, *,
+                 bucket: int = DEFAULT_BUCKET, compute_dtype: str | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        unknown = [name for name in settings.layers if name not in model.spec.endpoints]
+        if unknown:
+            raise ConfigError(f"model {model.spec.name} has no endpoint(s) {unknown}")
+        if settings.objective == "neuron" and settings.tile_above:
+            # A neuron sits at one place in the image, not once per tile.
+            settings = dataclasses.replace(settings, tile_above=0)
+        self.model = model
+        self._graphdef, self._state = nnx.split(model.module)
+        self.settings = settings
+        self.bucket = bucket
+        self.compute_dtype = None if compute_dtype in (None, "float32") else jnp.dtype(
+            compute_dtype)
+        self.devices = list(devices) if devices is not None else jax.devices()
+        # Each device gets an equal share of every batch.
+        self.batch_size = math.ceil(batch_size / len(self.devices)) * len(self.devices)
+        self.stats = CompileStats()
+        self._guides: dict[str, np.ndarray] = {}
+        if len(self.devices) > 1:
+            mesh = Mesh(np.asarray(self.devices), ("batch",))
+            self._batch_sharding: NamedSharding | None = NamedSharding(mesh, PartitionSpec(
+                "batch"))
+            self._state = jax.device_put(self._state, NamedSharding(mesh, PartitionSpec()))
+        else:
+            self._batch_sharding = None
+
+    # ----------------------------------------------------------------------- per-item arrays
+    def _guide_features(self, path: str) -> np.ndarray:
+        """Features of a guide image at the objective's layer(s), cached per path."""
+        from jaxdream.images import load_rgb
+
+        if path not in self._guides:
+            image = load_rgb(path)
+            squeezed = jax.image.resize(jnp.asarray(image, jnp.float32),
+                                        (GUIDE_SIDE, GUIDE_SIDE, 3), method="linear")
+            ends = _jitted_features(self._graphdef, self.settings.layers)(self._state, squeezed)
+            self._guides[path] = {name: np.asarray(a[0]).reshape(-1, a.shape[-1])
+                                  for name, a in ends.items()}  # type: ignore[assignment]
+        return self._guides[path]
+
+    def term_params(self, item: ItemParams) -> tuple[TermParams, ...]:
+        settings = self.settings
+        if len(item.layer_weights) != len(settings.layers):
+            raise ValueError("one layer weight per layer is needed")
+        guides = self._guide_features(item.guide) if settings.objective == "guide" else None
+        terms = []
+        for name, weight in zip(settings.layers, item.layer_weights, strict=True):
+            term = Term(settings.objective, name, weight, item.channels)
+            channels = self.model.spec.endpoints[name][0]
+            terms.append(term_params(term, channels, None if guides is None else
+                                     guides[name]))  # type: ignore[index]
+        return tuple(terms)
+
+    def _stack(self, images: Sequence[np.ndarray], params: Sequence[ItemParams],
+               shape: tuple[int, int]) -> tuple[np.ndarray, SampleParams]:
+        settings = self.settings
+        buffer = np.zeros((len(images), *shape, 3), np.float32)
+        sizes = np.zeros((len(images), settings.octaves, 2), np.int32)
+        for slot, image in enumerate(images):
+            height, width = image.shape[:2]
+            buffer[slot, :height, :width] = image
+            sizes[slot] = octave_shapes(height, width, settings.octaves, settings.octave_scale)
+        terms = [self.term_params(p) for p in params]
+        stacked_terms = tuple(
+            TermParams(*(np.stack([np.asarray(t[layer][field]) for t in terms])
+                         for field in range(3)))
+            for layer in range(len(settings.layers)))
+        sample = SampleParams(
+            step_size=np.asarray([p.step_size for p in params], np.float32),
+            jitter=np.asarray([p.jitter for p in params], np.int32),
+            seed=np.asarray([p.seed for p in params], np.uint32),
+            terms=stacked_terms, sizes=sizes)
+        return buffer, sample
+
+    # ----------------------------------------------------------------------------- programs
+    def _program(self, images: jax.Array, params: SampleParams) -> Any:
+        shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)), params)
+        key = (self._graphdef, self.settings, self.compute_dtype, tuple(images.shape),
+               str(jax.tree.structure(params)), str(shapes), len(self.devices))
+        program = _PROGRAMS.get(key)
+        if program is None:
+            start = time.perf_counter()
+            hits = _cache_hits
+            program = _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
+                self._state, images, params).compile()
+            self.stats.programs += 1
+            self.stats.compiled += 1 - (_cache_hits - hits)
+            self.stats.seconds += time.perf_counter() - start
+            _PROGRAMS[key] = program
+            while len(_PROGRAMS) > MAX_PROGRAMS:
+                _PROGRAMS.popitem(last=False)
+        else:
+            _PROGRAMS.move_to_end(key)
+        return program
+
+    def _place(self, tree: Any) -> Any:
+        if self._batch_sharding is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.device_put(tree, self._batch_sharding)
+
+    # ----------------------------------------------------------------------------- render
+    def render(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]
+               ) -> list[np.ndarray]:
+        """Dreams H x W x 3 images (any sizes, any dtype, 0..255) with per-image parameters.
+
+        Returns float32 arrays on the 0..255 scale, each the shape of its input, in order.
+        """
+        results: list[np.ndarray | None] = [None] * len(images)
+        for index, out in self.render_iter(images, params):
+            results[index] = out
+        return results  # type: ignore[return-value]
+
+    def buckets(self, shapes: Sequence[tuple[int, ...]]) -> dict[tuple[int, int], list[int]]:
+        """Indices of images grouped by bucket, in first-seen order."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, shape in enumerate(shapes):
+            groups.setdefault(bucket_shape(shape[0], shape[1], self.bucket), []).append(index)
+        return groups
+
+    def render_iter(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Like :meth:`render` but yields (index, result) as each batch finishes, bucket by
+        bucket."""
+        if len(images) != len(params):
+            raise ValueError("images and params differ in length")
+        batch = self.batch_size
+        for shape, members in self.buckets([image.shape for image in images]).items():
+            for start in range(0, len(members), batch):
+                chunk = members[start:start + batch]
+                # Pad the last batch with copies of its first image so it reuses the program.
+                padded = chunk + [chunk[0]] * (batch - len(chunk))
+                buffer, sample = self._stack([images[i] for i in padded],
+                                             [params[i] for i in padded], shape)
+                placed_images, placed_params = self._place((buffer, sample))
+                out = np.asarray(self._program(placed_images, placed_params)(
+                    self._state, placed_images, placed_params))
+                for slot, index in enumerate(chunk):
+                    height, width = images[index].shape[:2]
+                    yield index, out[slot, :height, :width]

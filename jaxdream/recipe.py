@@ -128,12 +128,15 @@ class Recipe:
         assert self.layers is not None, "resolve the default layer first"
         return StaticSettings(layers=tuple(name for name, _ in self.layers),
                               octaves=self.octaves, octave_scale=float(self.octave_scale),
-                              steps=self.steps)
+                              steps=self.steps, objective=self.objective,
+                              normaliser=self.normaliser, update=self.update,
+                              tile_size=self.tile_size, tile_above=self.tile_above)
 
     def item_params(self) -> ItemParams:
         assert self.layers is not None, "resolve the default layer first"
         return ItemParams(step_size=float(self.step_size), jitter=self.jitter, seed=self.seed,
-                          layer_weights=tuple(float(w) for _, w in self.layers))
+                          layer_weights=tuple(float(w) for _, w in self.layers),
+                          channels=self.channels, guide=self.guide)
 
     def to_json(self, *, weights_sha256: str, extra: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:
