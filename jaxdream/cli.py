@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jaxdream import __version__
 from jaxdream.errors import JaxdreamError
@@ -16,14 +16,14 @@ from jaxdream.errors import JaxdreamError
 if TYPE_CHECKING:  # the library is imported lazily, so that --help and --version are instant
     from jaxdream.recipe import Recipe
 
-#: Extensions picked up when a folder is given as input (files given by name are always tried).
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
-
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _expand_inputs(paths: Sequence[str]) -> list[str]:
-    """Files as given; folders become their image files (sorted, not recursive)."""
+    """Files as given; folders become their image files (sorted, not recursive). A missing
+    file stays in the list: it is reported with the other per-input failures."""
+    from jaxdream.config import IMAGE_EXTENSIONS
+
     expanded: list[str] = []
     for path in paths:
         folder = Path(path)
@@ -55,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "<name>_dream.png. Each PNG stores its full recipe; pass it to --recipe "
                     "to render the same dream again. Options left out come from --recipe, "
                     "then from --preset.")
-    dream.add_argument("inputs", nargs="+", metavar="INPUT")
-    dream.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    dream.add_argument("inputs", nargs="*", metavar="INPUT")
+    dream.add_argument("-o", "--output", default=None, metavar="OUTDIR",
+                       help="output folder (required without --config; overrides the "
+                            "config's output with it)")
+    dream.add_argument("--config", metavar="FILE", default=None,
+                       help="run a YAML job config (inputs, grid, ...; see configs/) in this "
+                            "process: outputs, a contact sheet per input for a grid, and "
+                            "OUTDIR/index.html")
     _add_model_options(dream)
     dream.add_argument("--preset", default=None, help="named look (default: classic)")
     dream.add_argument("--recipe", metavar="PNG", default=None,
@@ -97,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "whether they are on this machine, its preprocessing, and its endpoints "
                     "(channels, stride). With NAME, one model in full.")
     models.add_argument("name", nargs="?", metavar="NAME")
+
+    from jaxdream.cli_run import add_run_command
+
+    add_run_command(commands)
 
     weights = commands.add_parser("weights", help="list or fetch model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True,
@@ -163,11 +173,56 @@ def _use_compilation_cache() -> None:
         print(f"warning: compilation cache disabled: {error}", file=sys.stderr)
 
 
+#: ``dream`` options that a config file sets instead (they conflict with --config).
+_RECIPE_OPTIONS = ("model", "weights", "preset", "recipe", "layers", "octaves", "octave_scale",
+                   "steps", "step_size", "jitter", "seed", "max_side")
+
+
+def _summary(verb: str, outcomes: Sequence[Any], outdir: Any, seconds: float,
+             stats: Any) -> str:
+    done = sum(o.status == "done" for o in outcomes)
+    failed = sum(o.status == "failed" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    return (f"{verb} {done} image(s) into {outdir} ({failed} failed, {skipped} skipped) in "
+            f"{seconds:.1f} s; built {stats.describe()}")
+
+
+def _run_dream_config(args: argparse.Namespace) -> int:
+    from jaxdream.config import load_config
+    from jaxdream.render import dream_config
+
+    given = [f"--{name.replace('_', '-')}" for name in _RECIPE_OPTIONS
+             if getattr(args, name) is not None]
+    if args.inputs or given:
+        raise JaxdreamError(f"--config sets the inputs and the recipe; remove "
+                            f"{', '.join(args.inputs[:3] + given)} or put it in the config")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
+    config = load_config(args.config, {"output": args.output})
+    _use_compilation_cache()
+    start = time.perf_counter()
+    report, gallery = dream_config(config, batch_size=args.batch_size,
+                                   overwrite=args.overwrite, progress=not args.quiet)
+    variants = len(config.variants)
+    print(_summary("dreamed", report.outcomes, config.output, time.perf_counter() - start,
+                   report.compile_stats) + f"; {variants} setting(s) per input", file=sys.stderr)
+    if gallery is not None:
+        print(f"gallery: {gallery}", file=sys.stderr)
+    for outcome in report.outcomes:
+        if outcome.status == "done":
+            print(outcome.output)
+    return EXIT_SOME_FAILED if any(o.status == "failed" for o in report.outcomes) else EXIT_OK
+
+
 def _run_dream(args: argparse.Namespace) -> int:
     from jaxdream.engine import default_batch_size
     from jaxdream.models import load_model
     from jaxdream.render import dream_files
 
+    if args.config is not None:
+        return _run_dream_config(args)
+    if not args.inputs or args.output is None:
+        raise JaxdreamError("dream needs INPUT... and -o OUTDIR (or --config FILE)")
     _use_compilation_cache()
     recipe, recipe_sha = _recipe_from_args(args)
     if args.batch_size is None:
@@ -188,14 +243,10 @@ def _run_dream(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, overwrite=args.overwrite,
                          progress=not args.quiet)
     outcomes = report.outcomes
-    done = sum(o.status == "done" for o in outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
-    skipped = sum(o.status == "skipped" for o in outcomes)
-    print(f"dreamed {done} image(s) into {args.output} ({failed} failed, {skipped} skipped) "
-          f"in {time.perf_counter() - start:.1f} s; layers {recipe.layers_text}, "
-          f"{recipe.octaves} octaves x {recipe.steps} steps; compiled "
-          f"{report.compile_stats.programs} program(s) in {report.compile_stats.seconds:.1f} s",
-          file=sys.stderr)
+    print(_summary("dreamed", outcomes, args.output, time.perf_counter() - start,
+                   report.compile_stats) + f"; layers {recipe.layers_text}, {recipe.octaves} "
+          f"octaves x {recipe.steps} steps", file=sys.stderr)
     for outcome in outcomes:
         if outcome.status == "done":
             print(outcome.output)
@@ -287,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_models(args)
         if args.command == "weights":
             return _run_weights(args)
+        if args.command == "run":
+            from jaxdream.cli_run import run_command
+
+            return run_command(args)
         return _run_classify(args)
     except JaxdreamError as error:
         print(f"error: {error}", file=sys.stderr)

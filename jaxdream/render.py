@@ -251,8 +251,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                     finish(index, _write(item, result, model, seconds))
                     batch_start = time.perf_counter()
                     bar.update(1)
-            stats.programs += engine.stats.programs
-            stats.seconds += engine.stats.seconds
+            stats.add(engine.stats)
     finally:
         bar.close()
     return Report([outcome for outcome in outcomes if outcome is not None], stats,
@@ -295,3 +294,81 @@ def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: R
     by_input = {outcome.input: outcome for outcome in [*failures, *result.outcomes]}
     result.outcomes = [by_input[path] for path in inputs if path in by_input]
     return result
+
+
+#: Above this many outputs the gallery is not written: a page of 100,000 thumbnails helps no
+#: one, and the manifest lists every output anyway.
+GALLERY_LIMIT = 2000
+
+
+def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
+                       outcomes: Sequence[Outcome], *,
+                       report: Callable[[str], None] | None = None) -> Path | None:
+    """Writes a contact sheet per input (when the job has a grid) and ``OUTDIR/index.html``.
+
+    Returns the gallery's path, or None when the job is too big for one page. A sheet that
+    cannot be written is reported and does not stop the others: the dreams themselves are
+    already safe on disk.
+    """
+    from jaxdream.gallery import GalleryEntry, Tile, contact_sheet, write_gallery
+
+    say = report or (lambda line: print(line, file=sys.stderr))
+    by_id = {outcome.id: outcome for outcome in outcomes if outcome.id}
+    entries: list[GalleryEntry] = []
+    if config.grid:
+        per_input: dict[str, list[WorkItem]] = {}
+        for item in items:
+            per_input.setdefault(item.input, []).append(item)
+        for path, group in per_input.items():
+            if len(group) != len(config.variants):
+                continue
+            tiles = [Tile(item.output, item.point, by_id[item.id].status if item.id in by_id
+                          else "missing") for item in group]
+            stem = group[0].output.name.rsplit("_dream", 1)[0]
+            sheet = group[0].output.parent / f"{stem}_grid.png"
+            try:
+                contact_sheet(tiles, config.grid, sheet,
+                              title=f"{Path(path).name}: {group[0].recipe.model}")
+            except (JaxdreamError, OSError) as error:
+                say(f"error: contact sheet {sheet}: {error}")
+                continue
+            entries.append(GalleryEntry(sheet, Path(path).name, {"grid": " x ".join(
+                name for name, _ in config.grid)}, "done", kind="sheet"))
+    if len(items) > GALLERY_LIMIT:
+        say(f"note: {len(items)} outputs, more than {GALLERY_LIMIT}: no index.html written "
+            f"(the manifest lists every output)")
+        return None
+    for item in items:
+        outcome = by_id.get(item.id)
+        params = {"layers": item.recipe.layers_text, "steps": item.recipe.steps,
+                  "octaves": item.recipe.octaves, "step_size": item.recipe.step_size,
+                  "seed": item.recipe.seed, **item.point}
+        entries.append(GalleryEntry(item.output, Path(item.input).name, params,
+                                    outcome.status if outcome else "missing",
+                                    outcome.reason if outcome else ""))
+    try:
+        return write_gallery(config.output, entries, title=f"jaxdream: {config.source}")
+    except (JaxdreamError, OSError) as error:
+        say(f"error: gallery {config.output / 'index.html'}: {error}")
+        return None
+
+
+def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite: bool = False,
+                 progress: bool = True, report: Callable[[str], None] | None = None
+                 ) -> tuple[Report, Path | None]:
+    """Runs a job config in this process (no Ray): every input under every grid variant,
+    then contact sheets and the gallery. Returns the report and the gallery's path."""
+    out = config.output
+    if out.exists() and not out.is_dir():
+        raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    items, failures = plan_items(config)
+    say = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    for failure in failures:
+        say(f"error: {failure.reason}")
+    result = render_items(items, weights=config.weights,
+                          batch_size=batch_size or config.job.batch_size, overwrite=overwrite,
+                          progress=progress, report=report)
+    result.outcomes = [*failures, *result.outcomes]
+    gallery = sheets_and_gallery(config, items, result.outcomes, report=report)
+    return result, gallery

@@ -197,3 +197,47 @@ def test_the_console_script_is_installed() -> None:
     assert result.stdout.strip() == f"jaxdream {__version__}"
     result = subprocess.run([script, "dream"], capture_output=True, text=True)
     assert result.returncode == 2 and "INPUT" in result.stderr
+
+
+def test_a_grid_config_renders_every_variant_with_one_program_a_sheet_and_a_gallery(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "grid.yaml"
+    config.write_text(f"""# jaxdream dream --config grid.yaml
+inputs: [{EXAMPLES / 'chelsea.jpg'}, {EXAMPLES / 'coffee.jpg'}]
+output: {tmp_path / 'out'}
+max_side: 64
+dream: {{octaves: 2, steps: 2}}
+grid:
+  step_size: [0.5, 2.0]
+  layers: ["block5:1,block8:1", "block5:1,block8:3"]
+""")
+    assert main(["dream", "--config", str(config), "-q"]) == 0
+    err = capsys.readouterr().err
+    # Two photos of different sizes share one bucket at 64 px; four settings, one program.
+    assert "dreamed 8 image(s)" in err and "built 1 program(s)" in err
+    out = tmp_path / "out"
+    dreams = sorted(p.name for p in out.glob("*_dream_*.png"))
+    assert dreams == [f"{stem}_dream_{i}.png" for stem in ("chelsea", "coffee") for i in range(4)]
+    recipe = read_recipe(out / "chelsea_dream_3.png")
+    assert recipe["step_size"] == 2.0 and recipe["layers"] == {"block5": 1.0, "block8": 3.0}
+    assert recipe["grid"] == {"step_size": 2.0, "layers": "block5:1.0,block8:3.0"}
+    # Variants really differ, and each sheet is a labelled 2 x 2 layout.
+    assert np.abs(_pixels(out / "chelsea_dream_0.png").astype(int)
+                  - _pixels(out / "chelsea_dream_3.png")).mean() > 1.0
+    for stem in ("chelsea", "coffee"):
+        with Image.open(out / f"{stem}_grid.png") as sheet:
+            assert sheet.width > 2 * 64 and sheet.height > 2 * 64
+    page = (out / "index.html").read_text()
+    assert "chelsea_grid.png" in page and "coffee_dream_2.png" in page
+
+
+def test_config_and_recipe_options_conflict(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"inputs: {EXAMPLES / 'chelsea.jpg'}\noutput: {tmp_path}\n")
+    assert main(["dream", "--config", str(config), "--steps", "3"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    config.write_text("inputs: x.jpg\noutput: o\ndream: {stpes: 3}\n")
+    assert main(["dream", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "c.yaml" in err and "dream.stpes" in err and "steps" in err
