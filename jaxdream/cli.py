@@ -82,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     dream.add_argument("--max-side", type=int, default=None,
                        help="downscale so the longer side is at most this; 0 keeps the "
                             "input's size (1024)")
+    dream.add_argument("--objective", default=None,
+                       choices=("l2", "channel", "neuron", "guide"),
+                       help="what to amplify at the layers: l2 (their energy, classic), "
+                            "channel / neuron (the --channels, over the map / at its centre), "
+                            "guide (the features of --guide)")
+    dream.add_argument("--channels", default=None, metavar="C[,C...]",
+                       help="channel indices for --objective channel or neuron, e.g. 3,17")
+    dream.add_argument("--guide", default=None, metavar="IMAGE",
+                       help="guide photo for --objective guide")
+    dream.add_argument("--normaliser", default=None, choices=("mean", "laplacian", "gaussian"),
+                       help="gradient shaping: mean (classic), laplacian (TF 2016 lapnorm), "
+                            "gaussian (smoothed)")
+    dream.add_argument("--update", default=None, choices=("ascent", "adam"),
+                       help="update rule: ascent (classic) or adam")
+    dream.add_argument("--tile-size", type=int, default=None,
+                       help="tile side for big images (512)")
+    dream.add_argument("--tile-above", type=int, default=None,
+                       help="tile octaves whose longer side exceeds this; 0 never (1280)")
     dream.add_argument("--batch-size", type=int, default=None,
                        help="images of equal size dreamed together in one compiled call "
                             "(default: 1 on CPU, where batching does not pay, 8 on GPU/TPU)")
@@ -143,8 +161,16 @@ def _recipe_from_args(args: argparse.Namespace) -> tuple[Recipe, str | None]:
     overrides = {
         "model": args.model, "octaves": args.octaves, "octave_scale": args.octave_scale,
         "steps": args.steps, "step_size": args.step_size, "jitter": args.jitter,
-        "seed": args.seed,
+        "seed": args.seed, "objective": args.objective, "guide": args.guide,
+        "normaliser": args.normaliser, "update": args.update, "tile_size": args.tile_size,
+        "tile_above": args.tile_above,
     }
+    if args.channels is not None:
+        try:
+            overrides["channels"] = tuple(int(c) for c in args.channels.split(",") if c.strip())
+        except ValueError:
+            raise JaxdreamError(f"--channels: expected integers like 3,17, got "
+                                f"{args.channels!r}") from None
     recipe = dataclasses.replace(
         base, **{key: value for key, value in overrides.items() if value is not None})
     if recipe.model != base.model:
@@ -175,7 +201,8 @@ def _use_compilation_cache() -> None:
 
 #: ``dream`` options that a config file sets instead (they conflict with --config).
 _RECIPE_OPTIONS = ("model", "weights", "preset", "recipe", "layers", "octaves", "octave_scale",
-                   "steps", "step_size", "jitter", "seed", "max_side")
+                   "steps", "step_size", "jitter", "seed", "max_side", "objective", "channels",
+                   "guide", "normaliser", "update", "tile_size", "tile_above")
 
 
 def _summary(verb: str, outcomes: Sequence[Any], outdir: Any, seconds: float,

@@ -172,9 +172,16 @@ class Recipe:
         return format_layers(dict(self.layers or ()))
 
 
-#: Well-known looks. ``classic`` is google/deepdream's dream.ipynb, value for value.
+#: Well-known looks. ``classic`` is google/deepdream's dream.ipynb, value for value;
+#: ``lapnorm`` swaps in the TensorFlow 2016 notebook's Laplacian-pyramid normalisation (richer
+#: colour, larger forms); ``smooth`` smooths the gradient with growing Gaussians as
+#: pytorch-deepdream does; ``intense`` is lapnorm pushed twice as far (20 steps of 2.0 per
+#: octave): animal faces everywhere. Chosen by looking at the sample cat (docs/presets.jpg).
 PRESETS: dict[str, Recipe] = {
     "classic": Recipe(preset="classic"),
+    "lapnorm": Recipe(preset="lapnorm", normaliser="laplacian"),
+    "smooth": Recipe(preset="smooth", normaliser="gaussian"),
+    "intense": Recipe(preset="intense", normaliser="laplacian", steps=20, step_size=2.0),
 }
 
 #: Keys of a recipe JSON that describe where it came from rather than the dream itself.
