@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tile side for big images (512)")
     dream.add_argument("--tile-above", type=int, default=None,
                        help="tile octaves whose longer side exceeds this; 0 never (1280)")
+    dream.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                       help="refuse images whose header declares more than N pixels, before "
+                            "decoding them (default 67108864 = 8192 x 8192)")
     dream.add_argument("--batch-size", type=int, default=None,
                        help="images of equal size dreamed together in one compiled call "
                             "(default: 1 on CPU, where batching does not pay, 8 on GPU/TPU)")
@@ -225,7 +228,7 @@ def _run_dream_config(args: argparse.Namespace) -> int:
                             f"{', '.join(args.inputs[:3] + given)} or put it in the config")
     if args.batch_size is not None and args.batch_size < 1:
         raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
-    config = load_config(args.config, {"output": args.output})
+    config = load_config(args.config, {"output": args.output, "max_pixels": args.max_pixels})
     _use_compilation_cache()
     start = time.perf_counter()
     report, gallery = dream_config(config, batch_size=args.batch_size,
@@ -244,6 +247,7 @@ def _run_dream_config(args: argparse.Namespace) -> int:
 def _run_dream(args: argparse.Namespace) -> int:
     from jaxdream.engine import default_batch_size
     from jaxdream.models import load_model
+    from jaxdream.images import DEFAULT_MAX_PIXELS
     from jaxdream.render import dream_files
 
     if args.config is not None:
@@ -266,7 +270,10 @@ def _run_dream(args: argparse.Namespace) -> int:
     if not inputs:
         raise JaxdreamError("no input images found")
     start = time.perf_counter()
+    if args.max_pixels is not None and args.max_pixels < 256:
+        raise JaxdreamError(f"--max-pixels must be at least 256, got {args.max_pixels}")
     report = dream_files(inputs, args.output, recipe, weights=args.weights,
+                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                          batch_size=args.batch_size, overwrite=args.overwrite,
                          progress=not args.quiet)
     outcomes = report.outcomes

@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 import yaml
 
 from jaxdream.errors import ConfigError
+from jaxdream.images import DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
 from jaxdream.objectives import format_layers, parse_layers
 from jaxdream.recipe import PRESETS, Recipe
@@ -78,6 +79,8 @@ class JobConfig:
     variants: tuple[Variant, ...]  #: row-major in grid-axis order; one without a grid
     grid: tuple[tuple[str, tuple[Any, ...]], ...]  #: (axis, normalised values) in file order
     job: JobSettings
+    #: Images declaring more pixels than this are refused before decoding (bombs).
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -85,7 +88,7 @@ _JOB_TYPES = typing.get_type_hints(JobSettings)
 _JOB_MINIMUM = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 1,
                 "unit_size": 1, "retries": 0}
 _SECTIONS = ("dream", "grid", "job")
-_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side")
+_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels")
 TOP_KEYS = (*_VALUE_KEYS, *_SECTIONS)
 _FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 DREAM_KEYS = tuple(name for name in _FIELDS if name not in ("model", "max_side"))
@@ -287,6 +290,9 @@ class _Reader:
         spec = MODELS[model]
         weights = data.get("weights")
         weights = None if weights is None else self.path_text(weights, "weights")
+        max_pixels = self.typed(data.get("max_pixels", DEFAULT_MAX_PIXELS), int, "max_pixels")
+        if max_pixels < 16 * 16:
+            raise self.fail("max_pixels", f"must be at least 256 (16 x 16), got {max_pixels}")
 
         base: dict[str, Any] = {}
         where: dict[str, str] = {}  # recipe field -> the key path that set it
@@ -322,7 +328,7 @@ class _Reader:
                 raise self.fail(f"job.{key}", f"must be at least {_JOB_MINIMUM[key]}, got {value}")
         return JobConfig(source=self.source, inputs=inputs, output=Path(output), model=model,
                          weights=weights, variants=variants, grid=tuple(axes),
-                         job=JobSettings(**job))
+                         job=JobSettings(**job), max_pixels=max_pixels)
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None

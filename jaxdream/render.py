@@ -27,7 +27,7 @@ from tqdm import tqdm
 from jaxdream import __version__
 from jaxdream.engine import CompileStats, Engine, default_batch_size
 from jaxdream.errors import JaxdreamError
-from jaxdream.images import load_rgb, save_png, to_uint8
+from jaxdream.images import DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
 
@@ -53,6 +53,8 @@ class WorkItem:
     recipe: Recipe
     point: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     input_sha256: str = ""
+    #: Images declaring more pixels than this are refused before decoding (bombs).
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +124,12 @@ def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as handle:
+def _file_sha256(path: str, what: str = "an image") -> str:
+    """SHA-256 of a regular file; a pipe, device, folder or empty file is an ImageError (a
+    named pipe called photo.jpg must not hang the job)."""
+    from jaxdream.images import _open_regular_file
+
+    with _open_regular_file(path, path, what) as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -133,7 +139,8 @@ def _read_failure(path: str, error: OSError) -> str:
 
 def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
          variants: Sequence[tuple[Recipe, Mapping[str, Any]]], *,
-         weights: str | None = None) -> tuple[list[WorkItem], list[Outcome]]:
+         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+         ) -> tuple[list[WorkItem], list[Outcome]]:
     """Work items for every input under every recipe, and failures for unreadable inputs.
 
     Each input is hashed here (its content is part of every item's id); an input that cannot
@@ -143,20 +150,27 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     out = Path(outdir)
     stems = output_stems(inputs, out)
     identities = {recipe.model: weights_sha256(recipe.model, weights) for recipe, _ in variants}
+    # A guide image is part of every item's identity; one that cannot be read stops the job
+    # before it starts (it is a setting, not one bad input among many).
+    guides = {recipe.guide: _file_sha256(recipe.guide, "a guide image")
+              for recipe, _ in variants if recipe.guide}
     items: list[WorkItem] = []
     failures: list[Outcome] = []
     for path, stem in zip(inputs, stems, strict=True):
         try:
             digest = _file_sha256(path)
+        except JaxdreamError as error:
+            failures.append(Outcome(path, None, "failed", str(error)))
+            continue
         except OSError as error:
             failures.append(Outcome(path, None, "failed", _read_failure(path, error)))
             continue
         for index, (recipe, point) in enumerate(variants):
-            guide = _file_sha256(recipe.guide) if recipe.guide else None
+            guide = guides[recipe.guide] if recipe.guide else None
             items.append(WorkItem(
                 id=item_id(digest, recipe, identities[recipe.model], guide), input=path,
                 output=variant_path(out, stem, index, len(variants)), recipe=recipe,
-                point=dict(point), input_sha256=digest))
+                point=dict(point), input_sha256=digest, max_pixels=max_pixels))
     return items, failures
 
 
@@ -166,11 +180,11 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
 
     inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs")
     return plan(inputs, config.output, [(v.recipe, v.point) for v in config.variants],
-                weights=config.weights)
+                weights=config.weights, max_pixels=config.max_pixels)
 
 
 def _load(item: WorkItem) -> np.ndarray:
-    image = load_rgb(item.input, max_side=item.recipe.max_side)
+    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels)
     if item.input_sha256 and _file_sha256(item.input) != item.input_sha256:
         raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
     return image
@@ -277,7 +291,8 @@ def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float) -> Ou
 
 
 def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: Recipe, *,
-                weights: str | None = None, batch_size: int | None = None,
+                weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                batch_size: int | None = None,
                 overwrite: bool = False, progress: bool = True,
                 report: Callable[[str], None] | None = None) -> Report:
     """Dreams every input into ``outdir`` with one recipe; one outcome per input, in order."""
@@ -285,7 +300,7 @@ def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: R
     if out.exists() and not out.is_dir():
         raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    items, failures = plan(inputs, out, [(recipe, {})], weights=weights)
+    items, failures = plan(inputs, out, [(recipe, {})], weights=weights, max_pixels=max_pixels)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     for failure in failures:
         say(f"error: {failure.reason}")

@@ -241,3 +241,53 @@ def test_config_and_recipe_options_conflict(tmp_path: Path,
     assert main(["dream", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "c.yaml" in err and "dream.stpes" in err and "steps" in err
+
+
+def test_the_hostile_corpus_through_dream_renders_the_good_and_reports_each_bad(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hostile_images import make_corpus
+
+    cases = make_corpus(tmp_path / "corpus")
+    inputs = [str(case.path) for case in cases]
+    out = tmp_path / "out"
+    status = main(["dream", *inputs, "-o", str(out), "--max-side", "32", "--octaves", "1",
+                   "--steps", "1", "--layers", "block0", "-q"])
+    captured = capsys.readouterr()
+    assert status == 1, "some inputs failed, so the exit status says so"
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    written = set(captured.out.split())
+    good = [case for case in cases if case.should_load]
+    # A folder given as input is a folder of inputs (here an empty one), not a bad image.
+    bad = [case for case in cases if not case.should_load and not case.path.is_dir()]
+    assert len(cases) >= 50 and len(good) >= 20 and len(bad) >= 20
+    assert len(written) == len(good), "every good file renders"
+    assert all(Path(path).is_file() and Path(path).parent == out for path in written)
+    from jaxdream.images import _display
+
+    for case in bad:  # each bad file: exactly one line, naming it (escaped), with its reason
+        mine = [line for line in errors if _display(case.path) in line]
+        assert len(mine) == 1, (case.description, mine)
+        if case.reason:
+            assert case.reason in mine[0], (case.description, mine[0])
+    assert len(errors) == len(bad)
+    # Nothing else was written: no partial files, no temporaries.
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == []
+
+
+def test_the_pixel_limit_is_settable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["dream", str(EXAMPLES / "chelsea.jpg"), "-o", str(tmp_path), *FAST]
+    assert main([*args, "--max-pixels", "10000"]) == 1  # the cat has 451 x 300 pixels
+    assert "too large" in capsys.readouterr().err
+    assert main([*args, "--max-pixels", "200000"]) == 0
+
+
+@pytest.mark.parametrize("name", ["../escape.jpg", "-rf.jpg", "..jpg", ".hidden.jpg",
+                                  "a b\u00e9\u4e2d.jpg", "x\\y.jpg", "CON.jpg"])
+def test_output_names_stay_inside_the_output_folder(tmp_path: Path, name: str) -> None:
+    from jaxdream.render import output_stems, variant_path
+
+    out = tmp_path / "out"
+    for stem in output_stems([f"/abs/dir/{name}", name, f"../../{name}"], out):
+        for path in (variant_path(out, stem, 0, 1), variant_path(out, stem, 3, 16)):
+            assert path.resolve().parent == out.resolve()
+            assert not path.name.startswith(("-", "."))
