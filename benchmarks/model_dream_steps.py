@@ -7,7 +7,7 @@ For every registered model: one classic dream step (roll jitter up to 32 px, gra
 |grad|, clip) on a 512x384 image at batch 1. jaxdream runs ``--steps`` steps inside one
 compiled program per call; PyTorch runs the same step eagerly, stopping its forward pass at the
 same layer. EfficientNet-Lite uses its shipped weights (the PyTorch side is a direct port, see
-cpu_dream_step.py); torchvision models use random weights written to a checkpoint and loaded
+_common.py); torchvision models use random weights written to a checkpoint and loaded
 by both sides (timing does not depend on the values). The layer's activations are compared
 before timing, so both sides compute the same thing.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_dream_step import _cpu_name, _median_seconds, torch_lite, torch_steps  # noqa: E402
+from _common import machine_line, median_seconds, torch_lite, torch_steps  # noqa: E402
 
 
 class _Stop(Exception):
@@ -80,14 +79,14 @@ def main() -> None:
     import torchvision
 
     from jaxdream.dream import StaticSettings
-    from jaxdream.engine import Engine, ItemParams, _jitted, stack_params
+    from jaxdream.engine import Engine, ItemParams
     from jaxdream.models import MODELS, load_model
     from jaxdream.models.checkpoint import load_state_dict
     from jaxdream.models.efficientnet_lite import LITE0, LITE1, LITE2
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    print(f"machine: {_cpu_name()}, {threads} cores, {platform.system()} {platform.machine()}")
+    print(f"machine: {machine_line()}")
     print(f"versions: jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}"
           f", torchvision {torchvision.__version__}")
     print(f"workload: classic dream step at the default layer, 512x384, batch 1, "
@@ -122,15 +121,14 @@ def main() -> None:
                           / (np.abs(ref).max() + 1e-12))
             assert error < 1e-3, f"{name}: jax and torch disagree at {layer} ({error:.1e})"
 
-            torch_s = _median_seconds(lambda: torch_steps(forward, photo[None], args.steps),
+            torch_s = median_seconds(lambda: torch_steps(forward, photo[None], args.steps),
                                       args.repeats) / args.steps
             settings = StaticSettings((layer,), octaves=1, steps=args.steps)
             engine = Engine(model, settings, batch_size=1)
-            images = jnp.asarray(photo[None])
-            params = stack_params([ItemParams(1.5, 32, 0, (1.0,))])
-            program = _jitted(engine._graphdef, settings).lower(
-                engine._state, images, params).compile()
-            jax_s = _median_seconds(
+            images, params = engine._place(engine._stack(
+                [photo], [ItemParams(1.5, 32, 0, (1.0,))], photo.shape[:2]))
+            program = engine._program(images, params)
+            jax_s = median_seconds(
                 lambda: program(engine._state, images, params).block_until_ready(),
                 args.repeats) / args.steps
             rows.append((name, layer, jax_s, torch_s, error))

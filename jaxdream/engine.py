@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxdream.dream import SampleParams, StaticSettings, dream, octave_shapes
 from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
+from jaxdream.models.layers import compute_dtype as compute_dtype_of_networks
 from jaxdream.models.weights import cache_root
 from jaxdream.objectives import Term, TermParams, term_params
 
@@ -103,8 +104,9 @@ def _render_batch(graphdef: Any, settings: StaticSettings, compute_dtype: Any, s
 
     def forward(x: jax.Array) -> dict[str, jax.Array]:
         # The image (the accumulator of the ascent) stays float32; only the network runs in
-        # the compute dtype.
-        return model(x if compute_dtype is None else x.astype(compute_dtype), settings.layers)
+        # the compute dtype, from after its input scaling on.
+        with compute_dtype_of_networks(compute_dtype):
+            return model(x, settings.layers)
 
     if images.shape[0] == 1:
         # A batch of one skips vmap: XLA on CPU runs some batched convolution gradients up to

@@ -8,10 +8,12 @@ and saves a full elementwise pass over every activation in both the forward and 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,25 @@ DEPTHWISE_ENV = "JAXDREAM_DEPTHWISE"
 Stage = tuple[str, Callable[[jax.Array], jax.Array]]
 
 
+_COMPUTE_DTYPE: contextvars.ContextVar[Any] = contextvars.ContextVar("compute_dtype",
+                                                                      default=None)
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype: Any) -> Iterator[None]:
+    """Networks traced inside run in ``dtype`` (e.g. bfloat16) from their first stage on.
+
+    The cast happens after each model's own preprocessing, so pixels are scaled in float32
+    (a dreamed image's fractional grey levels would not survive bfloat16 on the 0..255
+    scale); the parameters must already be in ``dtype``.
+    """
+    token = _COMPUTE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
 def run_stages(stages: Iterable[Stage], x: jax.Array, order: Sequence[str],
                endpoints: Collection[str] | None) -> dict[str, jax.Array]:
     """Runs a model's named stages in order and stops after the deepest requested endpoint.
@@ -37,6 +58,9 @@ def run_stages(stages: Iterable[Stage], x: jax.Array, order: Sequence[str],
     Returns the requested endpoints (all of them if ``endpoints`` is None); an unknown name is
     a KeyError that lists the model's endpoints.
     """
+    dtype = _COMPUTE_DTYPE.get()
+    if dtype is not None:
+        x = x.astype(dtype)
     wanted = set(order if endpoints is None else endpoints)
     unknown = wanted - set(order)
     if unknown:
