@@ -291,3 +291,34 @@ def test_output_names_stay_inside_the_output_folder(tmp_path: Path, name: str) -
         for path in (variant_path(out, stem, 0, 1), variant_path(out, stem, 3, 16)):
             assert path.resolve().parent == out.resolve()
             assert not path.name.startswith(("-", "."))
+
+
+def test_a_full_disk_fails_clearly_leaves_nothing_partial_and_a_rerun_finishes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import stat
+
+    import jaxdream.images
+
+    inputs = [str(EXAMPLES / name) for name in ("chelsea.jpg", "coffee.jpg")]
+    out = tmp_path / "out"
+    real_fsync = os.fsync
+    synced = {"files": 0}
+
+    def full_after_first_file(fd: int) -> None:  # the disk fills up while writing the second
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            synced["files"] += 1
+            if synced["files"] > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(jaxdream.images.os, "fsync", full_after_first_file)
+    assert main(["dream", *inputs, "-o", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert [p.name for p in out.iterdir()] == ["chelsea_dream.png"], "no partial file"
+    monkeypatch.setattr(jaxdream.images.os, "fsync", real_fsync)
+    assert main(["dream", *inputs, "-o", str(out), *FAST]) == 0
+    assert "1 skipped" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea_dream.png", "coffee_dream.png"]
