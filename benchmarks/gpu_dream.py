@@ -3,6 +3,10 @@
     PYTHONPATH=. python3 benchmarks/gpu_dream.py --weights efficientnet-lite0-57934424.pth \\
         --json gpu_dream.json
 
+On an H200 (2026-11-28) XLA's convolution autotuning made the six programs take 5-6 minutes
+to compile, three at a time; with ``XLA_FLAGS=--xla_gpu_autotune_level=0`` each took about
+30 s and the whole run 4 minutes (benchmarks/results/gpu_dream_h200.json).
+
 Workload (defaults): EfficientNet-Lite0 to its default dream layer (block10), the classic dream
 (4 octaves x 10 steps, octave scale 1.4, step 1.5, jitter 32: 40 gradient evaluations per
 image), 512x512 random-but-fixed images, batch 1, 8 and 32, with the network in float32 and in
@@ -447,6 +451,10 @@ def main() -> None:  # noqa: C901 (one linear script)
                     lowered = _jitted(engine._graphdef, one_step, engine.compute_dtype).lower(
                         engine._state, *engine._place((buffer, sample)))
                     count = flops_of(lowered.cost_analysis())
+                    if count is None:
+                        # XLA's GPU backend counts only compiled programs (seen on an H200:
+                        # the lowered program's analysis had no flops).
+                        count = cost_flops(lowered.compile())
                     if count is None:
                         raise ValueError("no flops in XLA's cost analysis")
                     total += count
