@@ -32,6 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_line  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DREAM = {"layers": "block5", "octaves": 4, "octave_scale": 1.4, "steps": 6, "step_size": 1.5,
          "jitter": 16, "seed": 0}
@@ -46,17 +50,6 @@ items, failed = plan_items(load_config(sys.argv[1]))
 report = render_items(items, overwrite=True)
 assert not failed and all(o.status == "done" for o in report.outcomes), report.outcomes
 """
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_photos(folder: Path, count: int) -> None:
@@ -115,7 +108,7 @@ def main() -> None:
             return [sys.executable, "-m", "jaxdream.cli", "run", str(config), "-q",
                     "--workers", str(workers)]
 
-        print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; python "
+        print(f"machine: {machine_line()}; python "
               f"{platform.python_version()}, jax {jax.__version__}, ray {ray.__version__}")
         print(f"workload: {args.items} photos (half 256x192, half 192x256), efficientnet_lite0 "
               f"to {DREAM['layers']}, {DREAM['octaves']} octaves x {DREAM['steps']} steps, "
