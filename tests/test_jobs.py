@@ -207,8 +207,11 @@ def _assert_complete(config_path: Path, outdir: Path) -> list[dict[str, Any]]:
         with Image.open(outdir / row["output"]) as image:
             image.load()  # raises on a truncated file
             assert image.size == (96, 96) and "jaxdream" in image.text
-    assert sorted(os.listdir(outdir)) == sorted([jobs.MANIFEST_NAME,
+    # Nothing else: no temporaries, no partial files; the gallery and its thumbnails.
+    assert sorted(os.listdir(outdir)) == sorted([jobs.MANIFEST_NAME, "index.html", "thumbs",
                                                  *(row["output"] for row in rows)])
+    page = (outdir / "index.html").read_text()
+    assert all(row["output"] in page for row in rows)
     return rows
 
 
