@@ -156,6 +156,11 @@ def contact_sheet(tiles: Sequence[Tile], grid: Sequence[tuple[str, Sequence[Any]
     if cell < 16:
         raise JaxdreamError(f"contact sheet of {n_rows}x{n_cols} cells does not fit {MAX_SHEET_SIDE} px")
 
+    # Cells take the shape of the images (landscape photos get landscape cells, no bands of
+    # empty background), fitted within cell x cell.
+    thumbs = [_fit(tile.image, cell) for tile in tiles]
+    cell_w = max([t.width for t in thumbs if t is not None], default=cell)
+    cell_h = max([t.height for t in thumbs if t is not None], default=cell)
     # Text scales with the cell so a sheet shown at any size stays proportioned.
     font, title_font = _font(max(13, cell // 15)), _font(max(16, cell // 10))
     line_h = font.getbbox("Ag|")[3] + max(2, cell // 64)
@@ -165,14 +170,14 @@ def contact_sheet(tiles: Sequence[Tile], grid: Sequence[tuple[str, Sequence[Any]
     if rows:  # as wide as the widest "name=value" part, between half a cell and a full one
         parts = [p for r in rows for p in r.split("\n")]
         label_w = min(cell, max(cell // 2, max(int(font.getlength(p)) for p in parts) + gap))
-    row_lines = [_wrap(r, font, label_w - gap, max(1, cell // line_h)) for r in rows]
-    col_lines = [_wrap(c, font, cell - gap, 4) for c in cols]
+    row_lines = [_wrap(r, font, label_w - gap, max(1, cell_h // line_h)) for r in rows]
+    col_lines = [_wrap(c, font, cell_w - gap, 4) for c in cols]
     header_h = max(len(c) for c in col_lines) * line_h + gap if any(cols) else 0
-    grid_w = n_cols * cell + (n_cols - 1) * gap
+    grid_w = n_cols * cell_w + (n_cols - 1) * gap
     width = 2 * margin + label_w + grid_w
     title_lines = _wrap(_text(title), title_font, width - 2 * margin, 3) if title else []
     title_h = len(title_lines) * title_line_h + (gap if title else 0)
-    height = 2 * margin + title_h + header_h + n_rows * cell + (n_rows - 1) * gap
+    height = 2 * margin + title_h + header_h + n_rows * cell_h + (n_rows - 1) * gap
 
     sheet = Image.new("RGB", (width, height), _BG)
     draw = ImageDraw.Draw(sheet)
@@ -180,22 +185,23 @@ def contact_sheet(tiles: Sequence[Tile], grid: Sequence[tuple[str, Sequence[Any]
                 title_font, title_line_h, _FG, "left")
     top, left = margin + title_h + header_h, margin + label_w
     for c, lines in enumerate(col_lines):
-        x = left + c * (cell + gap)
+        x = left + c * (cell_w + gap)
         y0 = top - gap - len(lines) * line_h  # bottom-aligned: each label sits on its column
-        _draw_lines(draw, lines, (x, y0, x + cell, top - gap), font, line_h, _FG, "centre")
+        _draw_lines(draw, lines, (x, y0, x + cell_w, top - gap), font, line_h, _FG, "centre")
     for r, lines in enumerate(row_lines):
-        y = top + r * (cell + gap)
-        _draw_lines(draw, lines, (margin, y, margin + label_w - gap, y + cell), font, line_h, _FG, "left")
-    for i, tile in enumerate(tiles):
-        x, y = left + (i % n_cols) * (cell + gap), top + (i // n_cols) * (cell + gap)
-        thumb = _fit(tile.image, cell)
+        y = top + r * (cell_h + gap)
+        _draw_lines(draw, lines, (margin, y, margin + label_w - gap, y + cell_h), font, line_h, _FG,
+                    "left")
+    for i, (tile, thumb) in enumerate(zip(tiles, thumbs, strict=True)):
+        x, y = left + (i % n_cols) * (cell_w + gap), top + (i // n_cols) * (cell_h + gap)
         if thumb is None:
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=_PLACEHOLDER)
+            draw.rectangle((x, y, x + cell_w - 1, y + cell_h - 1), fill=_PLACEHOLDER)
             word = "unreadable" if Path(tile.image).exists() else "missing"
             word = "failed" if tile.status == "failed" else word
-            _draw_lines(draw, [word], (x, y, x + cell, y + cell), font, line_h, _PLACEHOLDER_FG, "centre")
+            _draw_lines(draw, [word], (x, y, x + cell_w, y + cell_h), font, line_h, _PLACEHOLDER_FG,
+                        "centre")
         else:
-            sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+            sheet.paste(thumb, (x + (cell_w - thumb.width) // 2, y + (cell_h - thumb.height) // 2))
     recipe = {"kind": "contact_sheet", "title": _text(title), "cell": cell,
               "axes": [[name, [_text(v) for v in values]] for name, values in axes],
               "tiles": [_text(Path(t.image).name) for t in tiles]}
