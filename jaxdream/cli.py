@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refuse images whose header declares more than N pixels, before "
                             "decoding them (default 67108864 = 8192 x 8192)")
     dream.add_argument("--batch-size", type=int, default=None,
-                       help="images of equal size dreamed together in one compiled call "
-                            "(default: 1 on CPU, where batching does not pay, 8 on GPU/TPU)")
+                       help="images of one shape bucket dreamed together in one compiled "
+                            "call (default: 1 on CPU, where batching does not pay, 8 on "
+                            "GPU/TPU)")
     dream.add_argument("--overwrite", action="store_true",
                        help="replace outputs that already exist (default: skip them)")
     dream.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
