@@ -22,16 +22,11 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 def _expand_inputs(paths: Sequence[str]) -> list[str]:
     """Files as given; folders become their image files (sorted, not recursive). A missing
     file stays in the list: it is reported with the other per-input failures."""
-    from jaxdream.config import IMAGE_EXTENSIONS
+    from jaxdream.config import image_files
 
     expanded: list[str] = []
     for path in paths:
-        folder = Path(path)
-        if folder.is_dir():
-            expanded.extend(str(child) for child in sorted(folder.iterdir())
-                            if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file())
-        else:
-            expanded.append(path)
+        expanded.extend(image_files(path) if Path(path).is_dir() else [path])
     return expanded
 
 

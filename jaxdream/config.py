@@ -355,14 +355,19 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     return _Reader(source).build(data)
 
 
+def image_files(folder: str) -> list[str]:
+    """The image files directly inside ``folder`` (by extension), sorted by name."""
+    return [os.path.join(folder, child.name) for child in sorted(Path(folder).iterdir())
+            if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file()]
+
+
 def _expand_entry(entry: Any, where: str) -> list[str]:
     if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ConfigError(f"{where}: expected a path, got {_show(entry)}")
     path = Path(entry)
     try:
         if path.is_dir():
-            found = [os.path.join(entry, child.name) for child in sorted(path.iterdir())
-                     if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file()]
+            found = image_files(entry)
             empty = "holds no image file"
         elif path.is_file() and path.suffix.lower() == ".txt":
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]

@@ -244,18 +244,25 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             for chunk in _chunks(todo, CHUNK):
                 images: list[np.ndarray] = []
                 loaded: list[int] = []
+                # The variants of a grid share their photo: read and check it once per chunk.
+                decoded: dict[tuple[Any, ...], np.ndarray | str] = {}
                 for index in chunk:
                     item = items[index]
-                    try:
-                        images.append(_load(item))
+                    key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
+                    if key not in decoded:
+                        try:
+                            decoded[key] = _load(item)
+                        except JaxdreamError as error:
+                            decoded[key] = str(error)
+                        except OSError as error:
+                            decoded[key] = _read_failure(item.input, error)
+                    image = decoded[key]
+                    if isinstance(image, str):
+                        finish(index, Outcome(item.input, None, "failed", image, item.id))
+                        bar.update(1)
+                    else:
+                        images.append(image)
                         loaded.append(index)
-                    except JaxdreamError as error:
-                        finish(index, Outcome(item.input, None, "failed", str(error), item.id))
-                        bar.update(1)
-                    except OSError as error:
-                        finish(index, Outcome(item.input, None, "failed",
-                                              _read_failure(item.input, error), item.id))
-                        bar.update(1)
                 params = [items[index].recipe.item_params() for index in loaded]
                 batch_start = time.perf_counter()
                 for slot, result in engine.render_iter(images, params):
