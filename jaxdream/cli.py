@@ -332,6 +332,10 @@ def _run_models(args: argparse.Namespace) -> int:
                 print(f"    {endpoint:14s} {channels:6d}  {('/' + str(stride)) if stride else '-'}")
         else:
             print(f"  endpoints:     {_endpoint_summary(spec.endpoints)}")
+    from jaxdream.engine import describe_devices
+
+    print()
+    print(describe_devices())
     return EXIT_OK
 
 

@@ -309,3 +309,14 @@ class Engine:
                 for slot, index in enumerate(chunk):
                     height, width = images[index].shape[:2]
                     yield index, out[slot, :height, :width]
+
+
+def describe_devices() -> str:
+    """One line naming the devices JAX will dream on, so a user can see the GPU is used."""
+    devices = jax.devices()
+    kinds = sorted({device.device_kind for device in devices})
+    line = f"devices: {len(devices)} x {', '.join(kinds)} ({jax.default_backend()}, jax " \
+           f"{jax.__version__})"
+    if jax.default_backend() == "cpu":
+        line += "; no GPU or TPU found (pip install 'jaxdream[cuda]' or '[tpu]' for one)"
+    return line
