@@ -259,8 +259,9 @@ def _check_class_count(state: dict[str, np.ndarray], config: CaffeGoogLeNetConfi
     """The auxiliary classifiers are ignored, but their width still tells ImageNet (1000)
     from Places (205, 365) weights: the convolutions alone look alike."""
     for key in ("loss1/classifier.weight", "loss1_classifier_1.weight", f"{CLASSIFIER}.weight"):
-        if key in state and np.ndim(state[key]) >= 1:
-            classes = int(np.shape(state[key])[0])
+        if key in state and np.ndim(state[key]) >= 2:
+            # (classes, 1024); a V1 file pads it to (1, 1, classes, 1024).
+            classes = int(np.shape(state[key])[-2])
             if classes != config.num_classes:
                 raise ConversionError(f"{source} holds a {classes}-class network ({key}), but "
                                       f"{model} has {config.num_classes} classes: these are "
