@@ -37,38 +37,9 @@ MEAN = (104.0, 116.0, 122.0)
 
 # ------------------------------------------------------------------ the reference, from the prototxt
 
-#: inception_*: 1x1, 3x3_reduce, 3x3, 5x5_reduce, 5x5, pool_proj (num_output in the prototxt).
-INCEPTION = {"3a": (64, 96, 128, 16, 32, 32), "3b": (128, 128, 192, 32, 96, 64),
-             "4a": (192, 96, 208, 16, 48, 64), "4b": (160, 112, 224, 24, 64, 64),
-             "4c": (128, 128, 256, 24, 64, 64), "4d": (112, 144, 288, 32, 64, 64),
-             "4e": (256, 160, 320, 32, 128, 128), "5a": (256, 160, 320, 32, 128, 128),
-             "5b": (384, 192, 384, 48, 128, 128)}
-
-
-def reference_shapes(classes: int = 1000) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Caffe layer name -> (weight shape OIHW or (out, in), padding) of every learned layer."""
-    shapes = {"conv1/7x7_s2": ((64, 3, 7, 7), 3), "conv2/3x3_reduce": ((64, 64, 1, 1), 0),
-              "conv2/3x3": ((192, 64, 3, 3), 1)}
-    cin = 192
-    for block, (c1, c3r, c3, c5r, c5, proj) in INCEPTION.items():
-        p = f"inception_{block}/"
-        shapes.update({p + "1x1": ((c1, cin, 1, 1), 0), p + "3x3_reduce": ((c3r, cin, 1, 1), 0),
-                       p + "3x3": ((c3, c3r, 3, 3), 1), p + "5x5_reduce": ((c5r, cin, 1, 1), 0),
-                       p + "5x5": ((c5, c5r, 5, 5), 2), p + "pool_proj": ((proj, cin, 1, 1), 0)})
-        cin = c1 + c3 + c5 + proj
-    shapes["loss3/classifier"] = ((classes, cin), 0)
-    return shapes
-
-
-def random_params(seed: int, classes: int = 1000) -> dict[str, list[np.ndarray]]:
-    """He-scaled weights and non-trivial biases, so no endpoint is degenerate."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, (shape, _) in reference_shapes(classes).items():
-        fan_in = int(np.prod(shape[1:]))
-        params[name] = [rng.normal(0, (2.0 / fan_in) ** 0.5, shape).astype(np.float32),
-                        rng.normal(0, 0.5, shape[0]).astype(np.float32)]
-    return params
+reference_shapes = cf.googlenet_shapes
+random_params = cf.googlenet_params
+INCEPTION = cf.INCEPTION
 
 
 def reference_forward(params: dict[str, list[np.ndarray]], pixels_rgb: np.ndarray
