@@ -18,6 +18,7 @@ import caffefmt as cf
 from conftest import EXAMPLES
 from jaxdream import dream
 from jaxdream.cli import main
+from jaxdream.errors import CheckpointError
 from jaxdream.images import read_recipe
 from jaxdream.models import MODELS, caffe_googlenet, load_model
 from jaxdream.models.checkpoint import sha256_file
@@ -143,3 +144,25 @@ def test_models_lists_the_caffe_networks_with_their_layers(
     assert main(["weights", "list"]) == 0
     listing = capsys.readouterr().out
     assert "googlenet_places205" in listing and "no published checksum" in listing
+
+
+def test_hostile_and_odd_weights_files_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    import os
+
+    import torchfmt as tf
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "bvlc_googlenet.pth"
+    evil.write_bytes(tf.zip_bytes({"conv1_7x7_s2.weight": tf.Call("os.system",
+                                                                   f"touch {marker}")}))
+    with pytest.raises(CheckpointError, match="os.system"):
+        load_model("bvlc_googlenet", evil)
+    assert not marker.exists()
+    fifo = tmp_path / "pipe.caffemodel"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        caffe_googlenet.load(fifo, caffe_googlenet.CaffeGoogLeNetConfig())
+    jpeg = tmp_path / "photo.caffemodel"
+    jpeg.write_bytes((EXAMPLES / "chelsea.jpg").read_bytes())
+    with pytest.raises(CheckpointError, match=f"caffemodel {jpeg}: "):
+        load_model("bvlc_googlenet", jpeg)

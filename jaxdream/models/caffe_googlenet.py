@@ -271,13 +271,11 @@ def _check_class_count(state: dict[str, np.ndarray], config: CaffeGoogLeNetConfi
 def load(path: str | Path, config: CaffeGoogLeNetConfig, model: str = "model") -> nnx.Module:
     """Builds the network for ``config`` and fills it from a .caffemodel or a neural-dream
     .pth (decided by the file's content, not its name), strictly (see convert.py)."""
-    from jaxdream.models.caffemodel import read_caffemodel, state_dict
+    from jaxdream.models.caffemodel import is_torch_file, read_caffemodel, state_dict
     from jaxdream.models.checkpoint import load_state_dict
 
-    with open(path, "rb") as file:
-        head = file.read(4)
     source = f"weights file {path}"
-    if head.startswith((b"PK\x03\x04", b"\x80")):
+    if is_torch_file(path):
         state, naming = load_state_dict(path), "pth"
         # neural-dream's files leave loss3/classifier out; a file that has it must fit it.
         config = dataclasses.replace(config, classifier=f"{_attribute(CLASSIFIER)}.weight"

@@ -39,7 +39,8 @@ import numpy as np
 
 from jaxdream.errors import CheckpointError
 
-__all__ = ["Blob", "Layer", "MAX_FILE_BYTES", "parse_net", "read_caffemodel", "state_dict"]
+__all__ = ["Blob", "Layer", "MAX_FILE_BYTES", "is_torch_file", "parse_net", "read_caffemodel",
+           "state_dict"]
 
 #: Larger than any published Caffe ImageNet model (VGG-16's is 528 MiB); a bigger file is
 #: refused before it is read.
@@ -284,6 +285,27 @@ def parse_net(data: bytes | memoryview) -> list[Layer]:
             raise _Reject(f"has two layers named {layer.name!r} with weights")
         seen.add(layer.name)
     return layers
+
+
+def is_torch_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file (a zip archive or a pickle) rather
+    than a caffemodel, which starts with a protobuf field.
+
+    Raises:
+        CheckpointError: the file cannot be opened, or is not a regular file (a FIFO would
+            block).
+    """
+    from jaxdream.models.checkpoint import _open_regular_file, _Reject as _NotRegular
+
+    try:
+        with _open_regular_file(path) as file:
+            head = file.read(4)
+    except _NotRegular as exc:
+        raise CheckpointError(f"weights file {os.fspath(path)}: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"weights file {os.fspath(path)}: cannot be read: "
+                              f"{exc.strerror or exc}") from exc
+    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def read_caffemodel(path: str | os.PathLike[str]) -> list[Layer]:

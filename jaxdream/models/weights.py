@@ -150,18 +150,7 @@ def fetch(name: str, source: WeightsSource, *, force: bool = False, progress: bo
                                    f"{received} of {total} bytes")
             out.flush()
             os.fsync(out.fileno())
-        sha = digest.hexdigest()
-        if source.sha256_prefix and not sha.startswith(source.sha256_prefix):
-            raise WeightsError(f"{name}: {source.url} has SHA-256 {sha[:16]}..., but the "
-                               f"published prefix is {source.sha256_prefix}; refused (corrupted "
-                               f"or tampered download)")
-        if source.sha1 and digest_sha1.hexdigest() != source.sha1:
-            raise WeightsError(f"{name}: {source.url} has SHA-1 {digest_sha1.hexdigest()}, but "
-                               f"the published one is {source.sha1}; refused (corrupted or "
-                               f"tampered download)")
-        if not source.verified:
-            print(f"warning: {name}: {source.url} publishes no checksum, so this download "
-                  f"cannot be verified; it has SHA-256 {sha}", file=sys.stderr)
+        _verify(name, source, digest.hexdigest(), digest_sha1.hexdigest())
         os.replace(temporary, destination)
     except BaseException:
         try:
@@ -170,3 +159,18 @@ def fetch(name: str, source: WeightsSource, *, force: bool = False, progress: bo
             pass
         raise
     return destination
+
+
+def _verify(name: str, source: WeightsSource, sha256: str, sha1: str) -> None:
+    """Refuses a download whose checksum differs from the published one; warns, with the
+    SHA-256 that arrived, when the publisher gives none."""
+    if source.sha256_prefix and not sha256.startswith(source.sha256_prefix):
+        raise WeightsError(f"{name}: {source.url} has SHA-256 {sha256[:16]}..., but the "
+                           f"published prefix is {source.sha256_prefix}; refused (corrupted "
+                           f"or tampered download)")
+    if source.sha1 and sha1 != source.sha1:
+        raise WeightsError(f"{name}: {source.url} has SHA-1 {sha1}, but the published one is "
+                           f"{source.sha1}; refused (corrupted or tampered download)")
+    if not source.verified:
+        print(f"warning: {name}: {source.url} publishes no checksum, so this download cannot "
+              f"be verified; it has SHA-256 {sha256}", file=sys.stderr)
