@@ -61,8 +61,8 @@ _INCEPTIONS: dict[str, tuple[int, int, int, int, int, int]] = {
     "4e": (256, 160, 320, 32, 128, 128), "5a": (256, 160, 320, 32, 128, 128),
     "5b": (384, 192, 384, 48, 128, 128),
 }
-#: The stride-2 max pool (3x3, Caffe's ceil rounding) before each inception stage.
-_STAGE_POOLS = {"3a": "pool2/3x3_s2", "4a": "pool3/3x3_s2", "5a": "pool4/3x3_s2"}
+#: The stride-2 max pools (3x3, Caffe's ceil rounding) that open the 4th and 5th stages.
+_STAGE_POOLS = {"4a": "pool3/3x3_s2", "5a": "pool4/3x3_s2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +81,15 @@ class Layer:
 def _prototxt() -> list[Layer]:
     """The deploy.prototxt's layers in order (ReLUs are folded in, dropout is the identity)."""
     net = [Layer("conv1/7x7_s2", "conv", "data", 64, 7, 2, 3),
-           Layer("pool1/3x3_s2", "maxpool", "conv1/7x7_s2", 64, 3, 2),
-           Layer("pool1/norm1", "lrn", "pool1/3x3_s2", 64),
+           Layer("pool1/3x3_s2", "maxpool", "conv1/7x7_s2", 0, 3, 2),
+           Layer("pool1/norm1", "lrn", "pool1/3x3_s2", 0),
            Layer("conv2/3x3_reduce", "conv", "pool1/norm1", 64),
            Layer("conv2/3x3", "conv", "conv2/3x3_reduce", 192, 3, 1, 1),
-           Layer("conv2/norm2", "lrn", "conv2/3x3", 192),
-           Layer("pool2/3x3_s2", "maxpool", "conv2/norm2", 192, 3, 2)]
+           Layer("conv2/norm2", "lrn", "conv2/3x3", 0),
+           Layer("pool2/3x3_s2", "maxpool", "conv2/norm2", 0, 3, 2)]
     bottom = "pool2/3x3_s2"
     for block, (c1, c3r, c3, c5r, c5, proj) in _INCEPTIONS.items():
-        if block in _STAGE_POOLS and block != "3a":
+        if block in _STAGE_POOLS:
             pool = _STAGE_POOLS[block]
             net.append(Layer(pool, "maxpool", bottom, 0, 3, 2))
             bottom = pool
@@ -196,8 +196,11 @@ class CaffeGoogLeNet(nnx.Module):
 
     def __call__(self, pixels: jax.Array,
                  endpoints: Collection[str] | None = None) -> dict[str, jax.Array]:
-        """Runs the prototxt's layers up to the deepest requested endpoint (all if None)."""
-        wanted = set(ENDPOINTS if endpoints is None else endpoints)
+        """Runs the prototxt's layers up to the deepest requested endpoint (all that these
+        weights have if None)."""
+        if endpoints is None:
+            endpoints = [n for n in ENDPOINTS if n != CLASSIFIER or self.config.classifier]
+        wanted = set(endpoints)
         unknown = wanted - set(ENDPOINTS)
         if unknown:
             raise KeyError(f"unknown endpoint(s) {sorted(unknown)}; this model has "
