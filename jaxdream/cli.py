@@ -34,8 +34,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model name (default: efficientnet_lite0, embedded weights)")
     parser.add_argument("--weights", metavar="FILE", default=None,
-                        help="PyTorch checkpoint to load instead of the embedded weights "
-                             "(read without PyTorch; nothing in it is executed)")
+                        help="weights to load instead of the embedded or fetched ones: a "
+                             "PyTorch checkpoint, or a Caffe .caffemodel for the Caffe models "
+                             "(read without PyTorch or Caffe; nothing in it is executed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
