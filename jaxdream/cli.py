@@ -34,8 +34,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model name (default: efficientnet_lite0, embedded weights)")
     parser.add_argument("--weights", metavar="FILE", default=None,
-                        help="PyTorch checkpoint to load instead of the embedded weights "
-                             "(read without PyTorch; nothing in it is executed)")
+                        help="weights to load instead of the embedded or fetched ones: a "
+                             "PyTorch checkpoint, or a Caffe .caffemodel for the Caffe models "
+                             "(read without PyTorch or Caffe; nothing in it is executed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,9 +307,17 @@ def _run_classify(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _endpoint_summary(endpoints: dict[str, tuple[int, int]]) -> str:
-    return ", ".join(f"{name} ({channels}" + (f", /{stride})" if stride else ")")
-                     for name, (channels, stride) in endpoints.items())
+#: Catalogue lines list at most this many endpoints (Caffe's GoogLeNet has 83).
+_SUMMARY_ENDPOINTS = 40
+
+
+def _endpoint_summary(endpoints: dict[str, tuple[int, int]], name: str) -> str:
+    items = [f"{endpoint} ({channels}" + (f", /{stride})" if stride else ")")
+             for endpoint, (channels, stride) in endpoints.items()]
+    if len(items) > _SUMMARY_ENDPOINTS:
+        items = items[:8] + ["...", *items[-4:],
+                             f"({len(items)} in all: jaxdream models {name})"]
+    return ", ".join(items)
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -328,10 +337,12 @@ def _run_models(args: argparse.Namespace) -> int:
         print(f"  default layer: {spec.default_layers}")
         if args.name:
             print("  endpoints (channels, stride):")
+            width = max(14, *(len(endpoint) for endpoint in spec.endpoints))
             for endpoint, (channels, stride) in spec.endpoints.items():
-                print(f"    {endpoint:14s} {channels:6d}  {('/' + str(stride)) if stride else '-'}")
+                print(f"    {endpoint:{width}s} {channels:6d}  "
+                      f"{('/' + str(stride)) if stride else '-'}")
         else:
-            print(f"  endpoints:     {_endpoint_summary(spec.endpoints)}")
+            print(f"  endpoints:     {_endpoint_summary(spec.endpoints, name)}")
     from jaxdream.engine import describe_devices
 
     print()

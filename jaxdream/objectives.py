@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxdream.errors import ConfigError
 
-_LAYER_ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?::\s*([-+0-9.eE]+)\s*)?$")
+# Names may hold '.' and '/' (Caffe's blob names: inception_4c/output).
+_LAYER_ITEM = re.compile(r"^\s*([A-Za-z_][\w./]*)\s*(?::\s*([-+0-9.eE]+)\s*)?$")
 
 
 def parse_layers(text: str, known: Sequence[str] | None = None) -> dict[str, float]:

