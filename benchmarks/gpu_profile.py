@@ -142,7 +142,7 @@ def main() -> None:  # noqa: C901 (one linear script)
         os.environ["JAXDREAM_DEPTHWISE"] = args.depthwise
     import jax
 
-    from jaxdream.dream import StaticSettings
+    from jaxdream.ascent import StaticSettings
     from jaxdream.engine import Engine, ItemParams, _jitted
     from jaxdream.models import load_model
     from jaxdream.models.layers import depthwise_impl

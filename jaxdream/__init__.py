@@ -13,8 +13,6 @@ pull in JAX.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -35,21 +33,6 @@ if TYPE_CHECKING:
     from jaxdream.api import Dreamer, DreamImage, GridResult, dream, dream_many
     from jaxdream.errors import CheckpointError, ConfigError, ImageError, JaxdreamError
     from jaxdream.objectives import channel, guide, layer, neuron
-
-
-class _Package(types.ModuleType):
-    """``jaxdream.dream`` is the public function, and also the name of the submodule with the
-    one-image maths (``jaxdream/dream.py``). Importing that submodule would set the package's
-    attribute to it; this keeps the function there (the submodule stays importable by name:
-    ``from jaxdream.dream import StaticSettings``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "dream" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,7 @@
 
 Images are placed in shape buckets (each side rounded up to a multiple of ``bucket``; the image
 sits in the top-left corner and the padding is masked out of the dream, see
-:mod:`jaxdream.dream`), stacked into batches of a fixed size (the last one padded with a copy
+:mod:`jaxdream.ascent`), stacked into batches of a fixed size (the last one padded with a copy
 that is thrown away), and per-image parameters ride along as vmapped arrays. One compiled
 program serves every batch of a bucket; programs are kept for reuse and counted, so a caller
 can report what compiling cost. With several devices the batch axis is sharded across them.
@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdream.dream import SampleParams, StaticSettings, dream, octave_shapes
+from jaxdream.ascent import SampleParams, StaticSettings, dream, octave_shapes
 from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
 from jaxdream.models.layers import compute_dtype as compute_dtype_of_networks

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxdream import __version__
-from jaxdream.dream import StaticSettings
+from jaxdream.ascent import StaticSettings
 from jaxdream.engine import ItemParams
 from jaxdream.errors import ConfigError
 from jaxdream.objectives import format_layers, parse_layers

@@ -16,7 +16,7 @@ from PIL import Image
 
 import caffefmt as cf
 from conftest import EXAMPLES
-from jaxdream import dream
+from jaxdream import ascent as dream
 from jaxdream.cli import main
 from jaxdream.errors import CheckpointError
 from jaxdream.images import read_recipe

@@ -1,5 +1,6 @@
 """The DeepDream math for ONE image: gradient step, octaves, tiles. Pure functions; vmap makes
-batches.
+batches. (The design guide calls this layer ``dream``; the module is ``ascent`` so that
+``jaxdream.dream`` can be the public function.)
 
 The classic algorithm is google/deepdream's ``dream.ipynb``: pixels on the 0..255 scale, a
 random roll (jitter) before each gradient evaluation, the step normalised by the mean absolute
