@@ -46,7 +46,8 @@ def _fail(path: str | os.PathLike[str], reason: str) -> ImageError:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    # FFmpeg's errors repeat the file name; its reason alone is what the user needs.
+    text = " ".join(str(getattr(error, "strerror", None) or error).split())
     return text[:300] or type(error).__name__
 
 
@@ -80,7 +81,7 @@ def probe_video(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXE
     name = os.fspath(path)
     with _open(path) as container:
         if not container.streams.video:
-            raise _fail(name, "no video stream")
+            raise _fail(name, "no video frames (no video stream)")
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
