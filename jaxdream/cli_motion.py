@@ -219,7 +219,20 @@ def _encode(output: Path, folder: Path, count: int, fps: Any, audio_from: str | 
         write_gif(output, _frames_list(folder, count), float(fps))
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """An output that would land on the input (``video clip.mp4 -o clip.mp4``) is refused
+    before anything is read: the encoded clip would replace the footage it came from."""
+    import os
+
+    output = Path(args.output)
+    for target in (output, output.with_name(f"{output.stem}_frames")):
+        if target.exists() and os.path.exists(args.input) and os.path.samefile(target,
+                                                                                 args.input):
+            raise ConfigError(f"-o {args.output}: would overwrite the input {args.input}")
+
+
 def _check_counts(args: argparse.Namespace) -> None:
+    _check_output(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     for name in ("frames", "segments"):

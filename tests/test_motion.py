@@ -225,3 +225,12 @@ def test_a_broken_video_is_one_line_and_leaves_nothing_behind(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {bad}: ") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_on_top_of_its_input_is_refused(clip: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "clip.mp4"
+    copy.write_bytes(clip.read_bytes())
+    assert main(["video", str(copy), "-o", str(copy), *FAST]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert copy.read_bytes() == clip.read_bytes() and sorted(tmp_path.iterdir()) == [copy]
