@@ -109,8 +109,9 @@ def add_motion_commands(commands: Any) -> None:
                        help="carry the detail in place, without optical flow")
     video.add_argument("--segments", type=int, default=1,
                        help="cut the clip into N segments dreamed side by side (1)")
-    video.add_argument("--warmup", type=int, default=8,
-                       help="frames each segment dreams before its first and throws away (8)")
+    video.add_argument("--warmup", type=int, default=12,
+                       help="frames each segment dreams before its first and throws away; "
+                            "carried detail fades as blend^frames, so 12 at blend 0.8 (12)")
     video.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse videos whose frames declare more pixels (67108864)")
     _add_dream_options(video)
