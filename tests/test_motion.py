@@ -234,3 +234,32 @@ def test_an_output_on_top_of_its_input_is_refused(clip: Path, tmp_path: Path,
     assert main(["video", str(copy), "-o", str(copy), *FAST]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
     assert copy.read_bytes() == clip.read_bytes() and sorted(tmp_path.iterdir()) == [copy]
+
+
+def test_segments_rendered_one_by_one_equal_segments_rendered_side_by_side(
+        clip: Path, tmp_path: Path) -> None:
+    """What a cluster does (one segment per worker, in any order) gives the same frames as one
+    process dreaming the segments together."""
+    recipe = dataclasses.replace(PRESETS["classic"].with_layers("block3", ["block3"]),
+                                 octaves=2, steps=3, max_side=None)
+    engines = Engines.load(recipe, None, batch_size=1)
+    video = vid.VideoDream(DreamSchedules(recipe))
+    info = probe_video(clip)
+    segments = vid.plan_segments(info.frames, 3, 4)
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    together.mkdir()
+    apart.mkdir()
+    vid.render_segments(info, segments, video, engines, together, "x")
+    for segment in reversed(segments):
+        vid.render_segments(info, [segment], video, engines, apart, "x")
+    assert _frames(apart) == _frames(together) and len(_frames(apart)) == 20
+
+
+def test_a_video_dreamed_smaller_keeps_its_size(clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "small.mp4"
+    assert main(["video", str(clip), "-o", str(out), *FAST, "--max-side", "48"]) == 0
+    info = probe_video(out)
+    assert (info.width, info.height, info.frames) == (96, 72, 20)
+    frame = load_rgb(tmp_path / "small_frames" / "frame_000005.png").astype(float)
+    raw = clip_frames(20, 72, 96, side=32)[5]
+    assert frame.shape == raw.shape and np.abs(frame - raw).mean() > 2

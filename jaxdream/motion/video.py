@@ -119,7 +119,11 @@ def _open_run(segment: Segment, info: VideoInfo, size: tuple[int, int], folder: 
         return None
     if video.independent:
         return _Run(segment, read_frames(info.path, missing), missing)
-    if missing == 0 or (folder / frame_name(missing - 1)).exists():
+    # Inside a segment the saved frame before the gap carries on; at a segment's start the
+    # warm-up does, even when the previous segment is already saved, so that a segment's
+    # frames never depend on which worker finished first.
+    if missing == 0 or (missing > segment.first
+                        and (folder / frame_name(missing - 1)).exists()):
         start = max(missing - 1, 0)
         frames = read_frames(info.path, start)
         run = _Run(segment, frames, missing)
@@ -139,7 +143,6 @@ class VideoReport:
     cuts: list[int]
 
 
-# long: the lockstep loop reads, carries, dreams and writes in one place on purpose
 def render_segments(info: VideoInfo, segments: Sequence[Segment], video: VideoDream,
                     engines: Engines, folder: Path, input_sha256: str, *,
                     on_frame: Callable[[int, Path], None] | None = None) -> VideoReport:
