@@ -228,3 +228,47 @@ def test_broken_videos_fail_with_one_line_naming_the_file(tmp_path: Path, name: 
     text = str(caught.value)
     assert text.startswith(f"{path}: ") and "\n" not in text and len(text) < 200, text
     assert REASONS[name] in text
+
+
+# ------------------------------------------------------------------------- command line
+@pytest.mark.parametrize(("text", "message"), [
+    ("zoom: {0: 1.3}\nzoomm: 2\n", "keys.yaml: unknown key(s) ['zoomm']"),
+    ("zoom: {-1: 1.3}\n", "keys.yaml: zoom: key -1: frame -1 is negative"),
+    ("angle: '0:left'\n", "keys.yaml: angle: frame 0: expected a number, got 'left'"),
+    ("layer_weights: {block99: 1}\n", "block99"),
+    ("zoom: [1, 2\n", "keys.yaml: not valid YAML"),
+    ("- 1\n- 2\n", "keys.yaml: expected a mapping"),
+])
+def test_bad_keyframe_files_are_one_line_before_anything_is_written(
+        tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from jaxdream.cli import main
+
+    from conftest import EXAMPLES
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(text)
+    out = tmp_path / "out" / "zoom.gif"
+    assert main(["animate", str(EXAMPLES / "chelsea.jpg"), "-o", str(out), "--keyframes",
+                 str(keys)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_keyframe_files_and_options_combine_and_options_win(tmp_path: Path) -> None:
+    from jaxdream.cli import build_parser
+    from jaxdream.cli_motion import _schedules
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("zoom: {0: 1.5, 10: 1.1, interpolation: smooth}\nangle: 3\n"
+                    "step_size: {0: 1.5, 1: 0.5}\nsteps: 4\n"
+                    "layer_weights: {block8: '0:1, 10:2'}\n")
+    args = build_parser().parse_args(["animate", "x.jpg", "-o", "o.gif", "--keyframes",
+                                      str(keys), "--angle", "0:0,10:5", "--layers",
+                                      "block8,block10", "--layer-weight", "block10=0:2,10:0"])
+    dream, motion = _schedules(args, MOTION_KEYS)
+    assert motion["zoom"].interpolation == "smooth" and motion["angle"].at(5) == 2.5
+    assert dream.recipe.steps == 4 and "steps" not in dream.values, "constants join the recipe"
+    frame = dream.at(5)
+    assert frame.step_size == 0.5 and dict(frame.layers or ()) == {"block8": 1.5,
+                                                                   "block10": 1.0}
