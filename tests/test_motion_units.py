@@ -176,6 +176,34 @@ def test_a_written_video_keeps_frame_count_rate_size_and_audio_bytes(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif", "clip.mp4", "copy.mp4"]
 
 
+def test_sound_mp4_cannot_hold_is_re_encoded_as_aac_of_the_same_length(tmp_path: Path) -> None:
+    source = tmp_path / "old.avi"  # 8-bit PCM sound, as old cameras wrote
+    with av.open(str(source), mode="w") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream("pcm_u8", rate=8000, layout="mono")
+        for index in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), index * 20, np.uint8),
+                                               format="rgb24")
+            frame.pts = index
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        for start in range(0, 8000, 800):
+            samples = (128 + 60 * np.sin(np.arange(800) / 5)).astype(np.uint8)[None]
+            chunk = av.AudioFrame.from_ndarray(samples, format="u8", layout="mono")
+            chunk.sample_rate, chunk.pts = 8000, start
+            out.mux(sound.encode(chunk))
+        out.mux(sound.encode(None))
+    assert probe_video(source).audio == "pcm_u8"
+    out_path = tmp_path / "new.mp4"
+    write_mp4(out_path, read_frames(source), 10, audio_from=source)
+    assert probe_video(out_path).audio == "aac"
+    with av.open(str(out_path)) as container:
+        stream = container.streams.audio[0]
+        assert stream.duration is not None
+        assert float(stream.duration * stream.time_base) == pytest.approx(1.0, abs=0.15)
+
+
 def test_odd_sizes_are_cropped_to_even_for_h264(tmp_path: Path) -> None:
     frames = [np.full((31, 45, 3), 100 + i, np.uint8) for i in range(3)]
     write_mp4(tmp_path / "odd.mp4", frames, 10)

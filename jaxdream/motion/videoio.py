@@ -154,7 +154,8 @@ def _atomic(path: str | os.PathLike[str]) -> Iterator[str]:
 def write_mp4(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: Fraction | float,
               *, audio_from: str | os.PathLike[str] | None = None, crf: int = 18) -> int:
     """Encodes uint8 RGB frames as H.264 (yuv420p, even sides) into ``path`` atomically, with
-    the first audio stream of ``audio_from`` copied packet for packet (not re-encoded).
+    the first audio stream of ``audio_from`` copied packet for packet (re-encoded as AAC only
+    when mp4 cannot hold its codec).
 
     Returns the number of frames written.
     """
@@ -172,8 +173,8 @@ def write_mp4(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: F
             if audio_from is not None:
                 source = stack.enter_context(_open(audio_from))
                 if source.streams.audio:
-                    sound = (source, source.streams.audio[0],
-                             out.add_stream_from_template(source.streams.audio[0]))
+                    stream = source.streams.audio[0]
+                    sound = (source, stream, _audio_stream(out, stream))
             for image in frames:
                 image = even(np.ascontiguousarray(image, np.uint8))
                 if count == 0:
@@ -194,8 +195,28 @@ def write_mp4(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: F
     return count
 
 
+def _audio_stream(out: av.container.OutputContainer, stream: av.audio.stream.AudioStream
+                  ) -> av.stream.Stream:
+    """The output's audio stream: a copy of the input's when mp4 can hold its codec (almost
+    always: AAC, MP3, Opus, FLAC, PCM), else a new AAC stream (old AVI sound: 8-bit PCM,
+    ADPCM, WMA) into which the sound is re-encoded."""
+    if stream.codec_context.name in out.supported_codecs:
+        return out.add_stream_from_template(stream)
+    return out.add_stream("aac", rate=stream.codec_context.sample_rate or 44100)
+
+
 def _copy_audio(source: av.container.InputContainer, stream: av.audio.stream.AudioStream,
                 target: av.stream.Stream, out: av.container.OutputContainer) -> None:
+    if target.codec_context.name == "aac" and stream.codec_context.name != "aac":
+        resampler = av.AudioResampler(format="fltp", layout=target.codec_context.layout,
+                                      rate=target.codec_context.sample_rate)
+        for frame in source.decode(stream):
+            for chunk in resampler.resample(frame):
+                out.mux(target.encode(chunk))
+        for chunk in resampler.resample(None):
+            out.mux(target.encode(chunk))
+        out.mux(target.encode(None))
+        return
     for packet in source.demux(stream):
         if packet.dts is None:  # the flushing packet demux ends with
             continue
