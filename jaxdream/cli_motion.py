@@ -75,8 +75,12 @@ def add_motion_commands(commands: Any) -> None:
                     "OUT_frames/ (any other OUT is that folder); each frame PNG carries its "
                     "recipe, animation.json the whole clip's. Run the same command again to "
                     "continue an interrupted render from its first missing frame.")
-    animate.add_argument("input", metavar="IMAGE")
-    animate.add_argument("-o", "--output", required=True, metavar="OUT")
+    animate.add_argument("inputs", nargs="+", metavar="IMAGE")
+    animate.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="OUT.gif, OUT.mp4 or a folder of PNGs; with several images a "
+                              "folder that gets one animation per image (see --format)")
+    animate.add_argument("--format", default="gif", choices=("gif", "mp4", "png"),
+                         help="what each of several images becomes in the output folder (gif)")
     animate.add_argument("--frames", type=int, default=None, help="number of frames (48)")
     animate.add_argument("--fps", type=float, default=None, help="frames per second (12)")
     animate.add_argument("--zoom", default=None, metavar="SCHEDULE",
@@ -226,10 +230,11 @@ def _check_output(args: argparse.Namespace) -> None:
     import os
 
     output = Path(args.output)
+    inputs = getattr(args, "inputs", None) or [args.input]
     for target in (output, output.with_name(f"{output.stem}_frames")):
-        if target.exists() and os.path.exists(args.input) and os.path.samefile(target,
-                                                                                 args.input):
-            raise ConfigError(f"-o {args.output}: would overwrite the input {args.input}")
+        for path in inputs:
+            if target.exists() and os.path.exists(path) and os.path.samefile(target, path):
+                raise ConfigError(f"-o {args.output}: would overwrite the input {path}")
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -247,6 +252,29 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise ConfigError(f"--fps must be between 0.1 and 1000, got {fps:g}")
 
 
+def _animation_outputs(args: argparse.Namespace) -> list[Path]:
+    """One output per input: ``-o OUT`` for one image; ``OUTDIR/<name>.<format>`` for more."""
+    import os
+
+    from jaxdream.motion.common import frames_folder
+    from jaxdream.render import output_stems
+
+    if len(args.inputs) == 1:
+        return [Path(args.output)]
+    folder = Path(args.output)
+    if folder.suffix.lower() in (".mp4", ".gif"):
+        raise ConfigError(f"-o {args.output}: several images need an output folder (and "
+                          f"--format gif, mp4 or png)")
+    suffix = "" if args.format == "png" else f".{args.format}"
+    outputs = [folder / f"{stem}{suffix}" for stem in output_stems(args.inputs, folder)]
+    inputs = {os.path.realpath(path) for path in args.inputs}
+    for output in outputs:
+        for target in (output, frames_folder(output)):
+            if os.path.realpath(target) in inputs:
+                raise ConfigError(f"-o {args.output}: {target} would overwrite an input")
+    return outputs
+
+
 def _run_animate(args: argparse.Namespace) -> int:
     from jaxdream.images import load_rgb
     from jaxdream.motion import animate as anim
@@ -256,23 +284,28 @@ def _run_animate(args: argparse.Namespace) -> int:
     dream, motion = _schedules(args, anim.MOTION_KEYS)
     animation = anim.Animation(dream, frames=args.frames or anim.DEFAULT_FRAMES,
                                fps=args.fps or anim.DEFAULT_FPS, motion=motion)
-    image = load_rgb(args.input, max_side=dream.recipe.max_side)
-    data = Path(args.input).read_bytes()
+    outputs = _animation_outputs(args)
+    images = [load_rgb(path, max_side=dream.recipe.max_side) for path in args.inputs]
     _use_compilation_cache()
+    # Several photos are several streams, advanced together: one frame of each per round,
+    # through one compiled program per size (batched on accelerators, see --batch-size).
     engines = Engines.load(dream.recipe, args.weights, args.batch_size)
-    output = Path(args.output)
-    folder = frames_folder(output)
-    stream = anim.open_stream(animation, image, folder, Path(args.input).name, data,
-                              engines.model.weights_sha256, overwrite=args.overwrite)
+    streams = [anim.open_stream(animation, image, frames_folder(output), Path(path).name,
+                                Path(path).read_bytes(), engines.model.weights_sha256,
+                                overwrite=args.overwrite)
+               for path, image, output in zip(args.inputs, images, outputs, strict=True)]
     start = time.perf_counter()
-    report = anim.animate_streams([stream], engines, on_frame=None if args.quiet else
-                                  anim.progress_printer(animation.frames - stream.next_frame))
-    _encode(output, folder, animation.frames, animation.fps, None)
+    todo = sum(animation.frames - stream.next_frame for stream in streams)
+    report = anim.animate_streams(streams, engines, on_frame=None if args.quiet else
+                                  anim.progress_printer(todo))
+    for output, stream in zip(outputs, streams, strict=True):
+        _encode(output, stream.folder, animation.frames, animation.fps, None)
     per_frame = sum(report.seconds_per_frame[1:]) / max(len(report.seconds_per_frame) - 1, 1)
-    print(f"animated {report.rendered} frame(s) ({report.skipped} already there) into "
-          f"{folder} in {time.perf_counter() - start:.1f} s ({per_frame:.2f} s a frame after "
-          f"the first); built {report.compile}", file=sys.stderr)
-    print(output)
+    print(f"animated {report.rendered} frame(s) ({report.skipped} already there) of "
+          f"{len(streams)} animation(s) in {time.perf_counter() - start:.1f} s ({per_frame:.2f} "
+          f"s a frame after the first); built {report.compile}", file=sys.stderr)
+    for output in outputs:
+        print(output)
     return EXIT_OK
 
 
@@ -301,7 +334,12 @@ def _run_video(args: argparse.Namespace) -> int:
     folder = frames_folder(output)
     prepare_folder(folder, video.identity(info, digest, engines.model.weights_sha256),
                    {"frames": info.frames, "input": Path(args.input).name}, args.overwrite)
-    segments = vid.plan_segments(info.frames, args.segments, args.warmup)
+    if args.independent:
+        # Independent frames need no warm-up, and a batch's worth of segments fills each
+        # compiled call.
+        segments = vid.plan_segments(info.frames, max(args.segments, engines.batch_size), 0)
+    else:
+        segments = vid.plan_segments(info.frames, args.segments, args.warmup)
     start = time.perf_counter()
 
     def report_frame(t: int, path: Path) -> None:
@@ -317,7 +355,7 @@ def _run_video(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if info.frames > 1:
         print(vid.clip_flicker(info, folder).describe(), file=sys.stderr)
-    if len(segments) > 1:
+    if len(segments) > 1 and not args.independent:
         joints, elsewhere = vid.joint_flicker(info, folder, segments)
         print(f"segment joints: flicker {joints:.2f} across joints, {elsewhere:.2f} elsewhere",
               file=sys.stderr)

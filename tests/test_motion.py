@@ -263,3 +263,17 @@ def test_a_video_dreamed_smaller_keeps_its_size(clip: Path, tmp_path: Path) -> N
     frame = load_rgb(tmp_path / "small_frames" / "frame_000005.png").astype(float)
     raw = clip_frames(20, 72, 96, side=32)[5]
     assert frame.shape == raw.shape and np.abs(frame - raw).mean() > 2
+
+
+def test_several_images_animate_side_by_side_into_one_folder(
+        tmp_path: Path, counted: list[int], capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "zooms"
+    photos = [str(EXAMPLES / "chelsea.jpg"), str(EXAMPLES / "coffee.jpg")]
+    assert main(["animate", *photos, "-o", str(out), "--format", "mp4", "--frames", "3",
+                 "--max-side", "48", "--octaves", "2", "--steps", "2", "--layers", "block3",
+                 "--batch-size", "2", "-q"]) == 0
+    assert counted == [2, 2, 2], "one frame of each animation per engine call"
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea.mp4", "chelsea_frames",
+                                                     "coffee.mp4", "coffee_frames"]
+    assert probe_video(out / "coffee.mp4").frames == 3
+    assert "animated 6 frame(s) (0 already there) of 2 animation(s)" in capsys.readouterr().err
