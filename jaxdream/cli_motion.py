@@ -54,6 +54,9 @@ def _add_dream_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-side", type=int, default=None,
                        help=f"dream at most this long a side; 0: full size ({DEFAULT_MAX_SIDE})")
     group.add_argument("--normaliser", default=None, choices=("mean", "laplacian", "gaussian"))
+    group.add_argument("--recipe", metavar="animation.json", default=None,
+                       help="every setting of an earlier clip, from the animation.json in its "
+                            "frame folder (render it again, or continue it elsewhere)")
     group.add_argument("--keyframes", metavar="FILE.yaml", default=None,
                        help="a YAML mapping of schedules (zoom: {0: 1.3, 48: 1.1}, "
                             "layer_weights: {block10: ...}, ...); options given here win")
@@ -198,6 +201,68 @@ def _schedules(args: argparse.Namespace, extra_keys: Mapping[str, Any]
     return DreamSchedules(recipe, dream_values, layer_weights), others
 
 
+#: Options that --recipe replaces (giving one with it is an error, not a silent override).
+_RECIPE_SETS = ("model", "preset", "layers", "octaves", "octave_scale", "steps", "step_size",
+                "jitter", "seed", "max_side", "normaliser", "keyframes", "zoom", "angle",
+                "translate_x", "translate_y", "fps", "blend", "refresh", "layer_weight",
+                "independent", "no_flow")
+
+
+def _from_recipe(args: argparse.Namespace, kind: str
+                 ) -> tuple[DreamSchedules, dict[str, Any], str | None]:
+    """Settings of a clip from its animation.json: the dream schedules, the command's own
+    settings (motion and fps, or blend and mode) and the weights' SHA-256."""
+    import json
+
+    from jaxdream.motion.animate import MOTION_KEYS
+    from jaxdream.motion.common import DREAM_KEYS, DreamSchedules, parse_layer_weights
+    from jaxdream.motion.schedules import parse_schedule, parse_schedules
+    from jaxdream.recipe import recipe_from_json
+
+    given = [f"--{name.replace('_', '-')}" for name in _RECIPE_SETS
+             if getattr(args, name, None) not in (None, False, [])]
+    if given:
+        raise ConfigError(f"--recipe sets every setting; remove {', '.join(given)}")
+    source = f"recipe {args.recipe}"
+    try:
+        with open(args.recipe, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as error:
+        raise ConfigError(f"{source}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise ConfigError(f"{source}: not JSON ({error})") from None
+    identity = data.get("identity") if isinstance(data, dict) else None
+    if not isinstance(identity, dict) or identity.get("kind") not in ("animate", "video"):
+        raise ConfigError(f"{source}: not an animation.json written by jaxdream")
+    if identity["kind"] != kind:
+        raise ConfigError(f"{source}: is the recipe of a {identity['kind']!r} clip, not "
+                          f"{kind!r}")
+    try:
+        recipe, sha = recipe_from_json(identity["recipe"], source)
+        dream = DreamSchedules(
+            recipe, parse_schedules(identity.get("schedules", {}), DREAM_KEYS, source),
+            parse_layer_weights(identity.get("layer_weights", {}), f"{source}: layer_weights"),
+            bool(identity.get("seed_per_frame", True)))
+        if kind == "animate":
+            extra = {"motion": parse_schedules(identity.get("motion", {}), MOTION_KEYS, source),
+                     "fps": float(identity["fps"]), "frames": int(data["frames"])}
+        else:
+            extra = {"blend": parse_schedule(identity["blend"], f"{source}: blend"),
+                     "independent": bool(identity["independent"]),
+                     "use_flow": bool(identity["use_flow"]),
+                     "refresh": float(identity["refresh"])}
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: malformed ({type(error).__name__}: {error})") from None
+    return dream, extra, sha
+
+
+def _check_weights(sha: str | None, engines: Any, source: str) -> None:
+    if sha is not None and sha != engines.model.weights_sha256:
+        raise ConfigError(f"{source} was rendered with weights sha256 {sha[:16]}..., but the "
+                          f"loaded weights are {engines.model.weights_sha256[:16]}...; pass "
+                          f"--weights with the matching file")
+
+
 def _use_compilation_cache() -> None:
     from jaxdream.engine import default_cache_dir, enable_compilation_cache
 
@@ -281,15 +346,22 @@ def _run_animate(args: argparse.Namespace) -> int:
     from jaxdream.motion.common import Engines, frames_folder
 
     _check_counts(args)
-    dream, motion = _schedules(args, anim.MOTION_KEYS)
-    animation = anim.Animation(dream, frames=args.frames or anim.DEFAULT_FRAMES,
-                               fps=args.fps or anim.DEFAULT_FPS, motion=motion)
+    sha = None
+    if args.recipe is not None:
+        dream, extra, sha = _from_recipe(args, "animate")
+        animation = anim.Animation(dream, frames=args.frames or extra["frames"],
+                                   fps=extra["fps"], motion=extra["motion"])
+    else:
+        dream, motion = _schedules(args, anim.MOTION_KEYS)
+        animation = anim.Animation(dream, frames=args.frames or anim.DEFAULT_FRAMES,
+                                   fps=args.fps or anim.DEFAULT_FPS, motion=motion)
     outputs = _animation_outputs(args)
     images = [load_rgb(path, max_side=dream.recipe.max_side) for path in args.inputs]
     _use_compilation_cache()
     # Several photos are several streams, advanced together: one frame of each per round,
     # through one compiled program per size (batched on accelerators, see --batch-size).
     engines = Engines.load(dream.recipe, args.weights, args.batch_size)
+    _check_weights(sha, engines, f"recipe {args.recipe}")
     streams = [anim.open_stream(animation, image, frames_folder(output), Path(path).name,
                                 Path(path).read_bytes(), engines.model.weights_sha256,
                                 overwrite=args.overwrite)
@@ -319,22 +391,28 @@ def _run_video(args: argparse.Namespace) -> int:
     from jaxdream.motion.videoio import probe_video
 
     _check_counts(args)
-    dream, others = _schedules(args, vid.VIDEO_KEYS)
-    if args.refresh is not None and not 0 < args.refresh <= 1:
-        raise ConfigError(f"--refresh must be above 0 and at most 1, got {args.refresh:g}")
-    video = vid.VideoDream(dream, blend=others.get("blend", Schedule.constant(vid.DEFAULT_BLEND)),
-                           independent=args.independent, use_flow=not args.no_flow,
-                           refresh=vid.DEFAULT_REFRESH if args.refresh is None else args.refresh)
+    sha = None
+    if args.recipe is not None:
+        dream, extra, sha = _from_recipe(args, "video")
+        video = vid.VideoDream(dream, **extra)
+    else:
+        dream, others = _schedules(args, vid.VIDEO_KEYS)
+        video = vid.VideoDream(dream, blend=others.get("blend", Schedule.constant(
+            vid.DEFAULT_BLEND)), independent=args.independent, use_flow=not args.no_flow,
+            refresh=vid.DEFAULT_REFRESH if args.refresh is None else args.refresh)
+    if not 0 < video.refresh <= 1:
+        raise ConfigError(f"--refresh must be above 0 and at most 1, got {video.refresh:g}")
     info = probe_video(args.input, args.max_pixels or DEFAULT_MAX_PIXELS)
     with open(args.input, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     _use_compilation_cache()
     engines = Engines.load(dream.recipe, args.weights, args.batch_size)
+    _check_weights(sha, engines, f"recipe {args.recipe}")
     output = Path(args.output)
     folder = frames_folder(output)
     prepare_folder(folder, video.identity(info, digest, engines.model.weights_sha256),
                    {"frames": info.frames, "input": Path(args.input).name}, args.overwrite)
-    if args.independent:
+    if video.independent:
         # Independent frames need no warm-up, and a batch's worth of segments fills each
         # compiled call.
         segments = vid.plan_segments(info.frames, max(args.segments, engines.batch_size), 0)
@@ -355,7 +433,7 @@ def _run_video(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if info.frames > 1:
         print(vid.clip_flicker(info, folder).describe(), file=sys.stderr)
-    if len(segments) > 1 and not args.independent:
+    if len(segments) > 1 and not video.independent:
         joints, elsewhere = vid.joint_flicker(info, folder, segments)
         print(f"segment joints: flicker {joints:.2f} across joints, {elsewhere:.2f} elsewhere",
               file=sys.stderr)

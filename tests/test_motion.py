@@ -277,3 +277,31 @@ def test_several_images_animate_side_by_side_into_one_folder(
                                                      "coffee.mp4", "coffee_frames"]
     assert probe_video(out / "coffee.mp4").frames == 3
     assert "animated 6 frame(s) (0 already there) of 2 animation(s)" in capsys.readouterr().err
+
+
+def test_a_clip_renders_again_from_its_animation_json(
+        clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photo = str(EXAMPLES / "chelsea.jpg")
+    assert main(["animate", photo, "-o", str(tmp_path / "a"), "--frames", "3", "--zoom",
+                 "0:1.2,2:2", "--angle", "5", "--fps", "6", "--max-side", "48", "--octaves",
+                 "2", "--steps", "2", "--layers", "block3", "--step-size", "0:1.5,1:0.5",
+                 "-q"]) == 0
+    again = tmp_path / "again"
+    assert main(["animate", photo, "-o", str(again), "--recipe",
+                 str(tmp_path / "a" / "animation.json"), "-q"]) == 0
+    assert _frames(again) == _frames(tmp_path / "a")
+    assert main(["video", str(clip), "-o", str(tmp_path / "v"), "--blend", "0.7", "--refresh",
+                 "0.5", *FAST]) == 0
+    assert main(["video", str(clip), "-o", str(tmp_path / "w"), "--recipe",
+                 str(tmp_path / "v" / "animation.json"), "-q"]) == 0
+    assert _frames(tmp_path / "w") == _frames(tmp_path / "v")
+    capsys.readouterr()
+    assert main(["video", str(clip), "-o", str(tmp_path / "x"), "--recipe",
+                 str(tmp_path / "v" / "animation.json"), "--blend", "0.2"]) == 2
+    assert main(["animate", photo, "-o", str(tmp_path / "y"), "--recipe",
+                 str(tmp_path / "v" / "animation.json")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2
+    assert "--recipe sets every setting; remove --blend" in errors[0]
+    assert "is the recipe of a 'video' clip, not 'animate'" in errors[1]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
