@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from jaxdream import __version__
+from jaxdream.errors import ImageError
 from jaxdream.images import _fit_longer_side
 from jaxdream.motion.common import DreamSchedules, Engines, first_missing, load_frame, \
     write_frame
@@ -128,7 +129,10 @@ def _open_run(segment: Segment, info: VideoInfo, size: tuple[int, int], folder: 
         frames = read_frames(info.path, start)
         run = _Run(segment, frames, missing)
         if missing > 0:
-            run.raw = _resize(next(frames), size)
+            first = next(frames, None)
+            if first is None:
+                raise ImageError(f"{info.path}: frame {missing - 1} is missing")
+            run.raw = _resize(first, size)
             run.detail = _resize(load_frame(folder, missing - 1), size) - run.raw
         return run
     return _Run(segment, read_frames(info.path, segment.warm), segment.warm)
@@ -157,7 +161,10 @@ def render_segments(info: VideoInfo, segments: Sequence[Segment], video: VideoDr
         begin = time.perf_counter()
         fulls, raws, starts, recipes = [], [], [], []
         for run in runs:
-            full = next(run.frames).astype(np.float32)
+            frame = next(run.frames, None)
+            if frame is None:  # the file changed since it was checked
+                raise ImageError(f"{info.path}: frame {run.next_frame} is missing")
+            full = frame.astype(np.float32)
             raw = _resize(full, size)
             t = run.next_frame
             start, recipe = raw, video.dream.at(t)
