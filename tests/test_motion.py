@@ -305,3 +305,16 @@ def test_a_clip_renders_again_from_its_animation_json(
     assert "--recipe sets every setting; remove --blend" in errors[0]
     assert "is the recipe of a 'video' clip, not 'animate'" in errors[1]
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_scene_cut_starts_the_dream_afresh(tmp_path: Path, counted: list[int],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cut = tmp_path / "cut.mp4"
+    write_clip(cut, clip_frames(10, 72, 96, side=32, cut_at=6), fps=12, audio=False)
+    assert main(["video", str(cut), "-o", str(tmp_path / "out.mp4"), *FAST]) == 0
+    assert "scene cuts at [6]" in capsys.readouterr().err
+    folder = tmp_path / "out_frames"
+    steps = [read_recipe(folder / f"frame_{t:06d}.png")["step_size"] for t in range(10)]
+    full, carried = 1.5, 1.5 * vid.DEFAULT_REFRESH
+    assert steps == pytest.approx([full] + [carried] * 5 + [full] + [carried] * 3)
+    assert probe_video(tmp_path / "out.mp4").audio is None
