@@ -59,7 +59,8 @@ def _add_dream_options(parser: argparse.ArgumentParser) -> None:
                             "frame folder (render it again, or continue it elsewhere)")
     group.add_argument("--keyframes", metavar="FILE.yaml", default=None,
                        help="a YAML mapping of schedules (zoom: {0: 1.3, 48: 1.1}, "
-                            "layer_weights: {block10: ...}, ...); options given here win")
+                            "layers: block8,block10, layer_weights: {block10: ...}, ...; see "
+                            "configs/keyframes/); options given here win")
     group.add_argument("--batch-size", type=int, default=None,
                        help="frames dreamed together in one compiled call (default: 1 on "
                             "CPU, 8 on GPU/TPU)")
@@ -143,7 +144,7 @@ def _load_keyframes(path: str | None) -> dict[str, Any]:
     return dict(data)
 
 
-def _recipe(args: argparse.Namespace) -> Recipe:
+def _recipe(args: argparse.Namespace, layers: str | None = None) -> Recipe:
     from jaxdream.models import DEFAULT_MODEL, get_spec
     from jaxdream.recipe import PRESETS
 
@@ -158,7 +159,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     max_side = DEFAULT_MAX_SIDE if args.max_side is None else args.max_side
     recipe = dataclasses.replace(recipe, max_side=max_side or None)
     spec = get_spec(recipe.model)
-    recipe = recipe.with_layers(args.layers or spec.default_layers, list(spec.endpoints))
+    recipe = recipe.with_layers(args.layers or layers or spec.default_layers,
+                                list(spec.endpoints))
     return recipe.validate("options")
 
 
@@ -172,6 +174,9 @@ def _schedules(args: argparse.Namespace, extra_keys: Mapping[str, Any]
     source = args.keyframes or "options"
     data = _load_keyframes(args.keyframes)
     layer_data = data.pop("layer_weights", {}) or {}
+    layers = data.pop("layers", None)  # as --layers (which wins)
+    if layers is not None and not isinstance(layers, str):
+        raise ConfigError(f"{source}: layers: expected text like block8,block10:2")
     if not isinstance(layer_data, Mapping):
         raise ConfigError(f"{source}: layer_weights: expected a mapping of layer: schedule")
     known = {**DREAM_KEYS, **extra_keys}
@@ -184,7 +189,7 @@ def _schedules(args: argparse.Namespace, extra_keys: Mapping[str, Any]
         if not sep:
             raise ConfigError(f"--layer-weight: expected LAYER=SCHEDULE, got {entry!r}")
         layer_weights.update(parse_layer_weights({name.strip(): text}, "--layer-weight"))
-    recipe = _recipe(args)
+    recipe = _recipe(args, layers)
     # Constant values live in the recipe itself (checked there); only changing ones stay
     # schedules.
     constants = {key: schedules.pop(key).at(0) for key in list(schedules)

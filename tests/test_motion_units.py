@@ -300,3 +300,28 @@ def test_keyframe_files_and_options_combine_and_options_win(tmp_path: Path) -> N
     frame = dream.at(5)
     assert frame.step_size == 0.5 and dict(frame.layers or ()) == {"block8": 1.5,
                                                                    "block10": 1.0}
+
+
+def test_the_example_keyframes_and_the_readmes_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    from jaxdream.cli import build_parser
+    from jaxdream.cli_motion import _schedules
+
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    example = ROOT / "configs" / "keyframes" / "zoom.yaml"
+    command = example.read_text().splitlines()[0].lstrip("# ").split()
+    assert command[:2] == ["jaxdream", "animate"]
+    dream, motion = _schedules(build_parser().parse_args(command[1:]), MOTION_KEYS)
+    assert [name for name, _ in dream.recipe.layers or ()] == ["block8", "block10"]
+    assert dict(dream.at(48).layers or ()) == {"block8": 0.2, "block10": 1.0}
+    assert motion["zoom"].interpolation == "smooth" and motion["angle"].at(95) == -6
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(zoom:.*?)```", readme, re.S)
+    assert block is not None
+    parsed = yaml.safe_load(block[1])
+    layers = parsed.pop("layer_weights")
+    parse_schedules(parsed, KEYS, "README")
+    assert set(layers) == {"block10"}
