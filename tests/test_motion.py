@@ -318,3 +318,41 @@ def test_a_scene_cut_starts_the_dream_afresh(tmp_path: Path, counted: list[int],
     full, carried = 1.5, 1.5 * vid.DEFAULT_REFRESH
     assert steps == pytest.approx([full] + [carried] * 5 + [full] + [carried] * 3)
     assert probe_video(tmp_path / "out.mp4").audio is None
+
+
+def test_a_video_killed_with_sigkill_resumes_where_it_stopped(
+        tmp_path: Path, counted: list[int]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    clip = tmp_path / "long.mp4"  # long and slow enough to be killed half-way
+    write_clip(clip, clip_frames(60, 72, 96, side=32), fps=12)
+    options = [*FAST, "--steps", "12"]
+    out = tmp_path / "killed.mp4"
+    folder = tmp_path / "killed_frames"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "jaxdream.cli", "video", str(clip), "-o",
+                                str(out), *options], env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(folder.glob("frame_*.png"))) < 3 and time.monotonic() < deadline:
+            assert process.poll() is None, "the render ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    done = sorted(folder.glob("frame_*.png"))
+    assert 3 <= len(done) < 60 and not out.exists()
+    assert [p.name for p in done] == [f"frame_{t:06d}.png" for t in range(len(done))]
+    for path in done:
+        load_rgb(path)  # every frame present is whole
+    stamps = {p.name: p.stat().st_mtime_ns for p in done}
+    assert main(["video", str(clip), "-o", str(out), *options]) == 0
+    assert sum(counted) == 60 - len(done)
+    assert {name: (folder / name).stat().st_mtime_ns for name in stamps} == stamps
+    assert probe_video(out).frames == 60 and not list(folder.glob(".*"))

@@ -145,6 +145,10 @@ def prepare_folder(folder: Path, identity: Mapping[str, Any], full: Mapping[str,
     if folder.exists() and not folder.is_dir():
         raise JaxdreamError(f"{folder}: exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
+    # A process killed while writing a frame leaves its hidden temporary file (the frame
+    # itself is never partial): clear those before continuing.
+    for stale in folder.glob(".frame_*.tmp"):
+        stale.unlink(missing_ok=True)
     saved = folder / ANIMATION_FILE
     if saved.exists() and not overwrite:
         try:
