@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_command(commands)
 
+    from jaxdream.cli_motion import add_motion_commands
+
+    add_motion_commands(commands)
+
     weights = commands.add_parser("weights", help="list or fetch model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True,
                                               metavar="ACTION")
@@ -383,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_models(args)
         if args.command == "weights":
             return _run_weights(args)
+        if args.command in ("animate", "video"):
+            from jaxdream.cli_motion import run_motion
+
+            return run_motion(args)
         if args.command == "run":
             from jaxdream.cli_run import run_command
 

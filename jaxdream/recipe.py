@@ -185,7 +185,7 @@ PRESETS: dict[str, Recipe] = {
 }
 
 #: Keys of a recipe JSON that describe where it came from rather than the dream itself.
-_META_KEYS = {"jaxdream", "weights_sha256", "weights", "input", "id", "grid"}
+_META_KEYS = {"jaxdream", "weights_sha256", "weights", "input", "id", "grid", "frame", "motion"}
 _FIELDS = {field.name for field in dataclasses.fields(Recipe)}
 
 
