@@ -35,8 +35,7 @@ import yaml
 from jaxdream.errors import ConfigError
 from jaxdream.images import DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
-from jaxdream.objectives import format_layers, parse_layers
-from jaxdream.recipe import PRESETS, Recipe
+from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
 
 #: Extensions picked up by folders and globs (files named or listed explicitly are all kept).
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm".split())

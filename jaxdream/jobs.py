@@ -98,8 +98,10 @@ class Unit:
 
 def _static_key(item: WorkItem) -> str:
     """Everything that selects a compiled program, as text that sorts."""
+    from jaxdream.engine import static_settings
+
     recipe = item.recipe
-    return repr((recipe.model, recipe.static_settings(), recipe.max_side))
+    return repr((recipe.model, static_settings(recipe), recipe.max_side))
 
 
 def make_units(items: Sequence[WorkItem], unit_size: int) -> list[Unit]:

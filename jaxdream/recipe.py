@@ -1,27 +1,83 @@
-"""A dream's full recipe: presets, validation, and the JSON stored in every output PNG.
+"""A dream's full recipe: its settings, their defaults and kinds, presets, validation, and the
+JSON stored in every output PNG.
 
 A recipe holds every value that decides the pixels (model, weights identity, layers, octaves,
 steps, step size, jitter, seed, max side), so ``jaxdream dream INPUT --recipe OUT.png``
 reproduces an output exactly. Values are checked here, once, with errors that name the key.
+
+This is the settings vocabulary of the whole package and imports nothing heavy (no JAX): the
+CLI generates its options from the :class:`Recipe` fields, configs are checked against them in
+milliseconds, and the engine turns a recipe into compiled-program settings and per-image arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxdream import __version__
-from jaxdream.dream import StaticSettings
-from jaxdream.engine import ItemParams
 from jaxdream.errors import ConfigError
-from jaxdream.objectives import format_layers, parse_layers
 
 MAX_SEED = 2**32 - 1
-OBJECTIVES = ("l2", "channel", "neuron", "guide")
-NORMALISERS = ("mean", "laplacian", "gaussian")
-UPDATES = ("ascent", "adam")
+
+#: The kinds of each choice, with the help text the CLI shows; every other module reads these.
+OBJECTIVES = {
+    "l2": "the layers' energy (classic)",
+    "channel": "the mean activation of --channels",
+    "neuron": "--channels at the feature map's centre",
+    "guide": "the features of --guide, matched as in the original notebook",
+}
+NORMALISERS = {
+    "mean": "divide by the mean |gradient| (classic)",
+    "laplacian": "normalise each of 4 Laplacian-pyramid bands (TF 2016 lapnorm)",
+    "gaussian": "smooth by Gaussians of growing width (pytorch-deepdream)",
+}
+UPDATES = {
+    "ascent": "normalised gradient ascent (classic)",
+    "adam": "Adam, lucid-style",
+}
+
+_LAYER_ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?::\s*([-+0-9.eE]+)\s*)?$")
+
+
+def parse_layers(text: str, known: Sequence[str] | None = None) -> dict[str, float]:
+    """Parses ``"block10"`` or ``"block8:1,block10:2"`` into {endpoint: weight}.
+
+    A layer without a weight gets 1. Unknown endpoints (when ``known`` is given), duplicates,
+    non-numbers and an all-zero weighting are errors that name the offending item.
+    """
+    if not text or not text.strip():
+        raise ConfigError("layers: empty; give an endpoint name such as 'block10'")
+    layers: dict[str, float] = {}
+    for item in text.split(","):
+        match = _LAYER_ITEM.match(item)
+        if not match:
+            raise ConfigError(f"layers: cannot parse {item.strip()!r}; expected NAME or "
+                              f"NAME:WEIGHT, e.g. 'block8:1,block10:2'")
+        name, weight_text = match.group(1), match.group(2)
+        try:
+            weight = float(weight_text) if weight_text is not None else 1.0
+        except ValueError:
+            raise ConfigError(f"layers: weight {weight_text!r} of {name} is not a number") from None
+        if not math.isfinite(weight):
+            raise ConfigError(f"layers: weight of {name} must be finite, got {weight_text}")
+        if name in layers:
+            raise ConfigError(f"layers: {name} is listed twice")
+        if known is not None and name not in known:
+            raise ConfigError(f"layers: unknown endpoint {name!r}; this model has: "
+                              f"{', '.join(known)}")
+        layers[name] = weight
+    if all(w == 0 for w in layers.values()):
+        raise ConfigError("layers: every weight is zero, so there is nothing to amplify")
+    return layers
+
+
+def format_layers(layers: Mapping[str, float]) -> str:
+    """The inverse of :func:`parse_layers` (``repr`` of floats round-trips exactly)."""
+    return ",".join(f"{name}:{weight!r}" for name, weight in layers.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,20 +179,6 @@ class Recipe:
         except ConfigError as error:
             raise ConfigError(f"{error} (model {self.model})") from None
         return dataclasses.replace(self, layers=tuple(layers.items()))
-
-    def static_settings(self) -> StaticSettings:
-        assert self.layers is not None, "resolve the default layer first"
-        return StaticSettings(layers=tuple(name for name, _ in self.layers),
-                              octaves=self.octaves, octave_scale=float(self.octave_scale),
-                              steps=self.steps, objective=self.objective,
-                              normaliser=self.normaliser, update=self.update,
-                              tile_size=self.tile_size, tile_above=self.tile_above)
-
-    def item_params(self) -> ItemParams:
-        assert self.layers is not None, "resolve the default layer first"
-        return ItemParams(step_size=float(self.step_size), jitter=self.jitter, seed=self.seed,
-                          layer_weights=tuple(float(w) for _, w in self.layers),
-                          channels=self.channels, guide=self.guide)
 
     def to_json(self, *, weights_sha256: str, extra: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdream import __version__
-from jaxdream.engine import CompileStats, Engine, default_batch_size
+from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_params,
+                             static_settings)
 from jaxdream.errors import JaxdreamError
 from jaxdream.images import DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
 from jaxdream.models import load_model, weights_sha256
@@ -221,7 +222,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, item in enumerate(items):
         recipe = item.recipe
-        groups.setdefault((recipe.model, recipe.static_settings()), []).append(index)
+        groups.setdefault((recipe.model, static_settings(recipe)), []).append(index)
 
     bar = tqdm(total=len(items), unit="img", disable=not progress, file=sys.stderr,
                desc="dreaming")
@@ -263,7 +264,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                     else:
                         images.append(image)
                         loaded.append(index)
-                params = [items[index].recipe.item_params() for index in loaded]
+                params = [item_params(items[index].recipe) for index in loaded]
                 batch_start = time.perf_counter()
                 for slot, result in engine.render_iter(images, params):
                     index = loaded[slot]
