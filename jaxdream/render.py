@@ -176,12 +176,24 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
 
 
 def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
-    """:func:`plan` for a loaded job config (inputs expanded, every grid variant)."""
+    """:func:`plan` for a loaded job config (inputs expanded, every grid variant); with
+    ``config.lenient_inputs`` an input entry that yields no image is one more failure."""
     from jaxdream.config import expand_inputs
 
-    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs")
-    return plan(inputs, config.output, [(v.recipe, v.point) for v in config.variants],
-                weights=config.weights, max_pixels=config.max_pixels)
+    unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
+    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched)
+    if config.recipe_weights_sha256 is not None:
+        actual = weights_sha256(config.model, config.weights)
+        if actual != config.recipe_weights_sha256:
+            raise JaxdreamError(
+                f"recipe {config.recipe} was rendered with weights sha256 "
+                f"{config.recipe_weights_sha256[:16]}..., but the loaded weights are "
+                f"{actual[:16]}...; pass --weights with the matching file")
+    items, failures = plan(inputs, config.output,
+                           [(v.recipe, v.point) for v in config.variants],
+                           weights=config.weights, max_pixels=config.max_pixels)
+    return items, [Outcome(entry, None, "failed", reason)
+                   for entry, reason in unmatched or ()] + failures
 
 
 def _load(item: WorkItem) -> np.ndarray:
@@ -224,8 +236,9 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
         recipe = item.recipe
         groups.setdefault((recipe.model, static_settings(recipe)), []).append(index)
 
-    bar = tqdm(total=len(items), unit="img", disable=not progress, file=sys.stderr,
-               desc="dreaming")
+    # No bar without items: tqdm would draw an empty one at start and again at close.
+    bar = tqdm(total=len(items), unit="img", disable=not progress or not items,
+               file=sys.stderr, desc="dreaming")
     try:
         for (model_name, settings), members in groups.items():
             todo: list[int] = []
@@ -298,27 +311,6 @@ def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float) -> Ou
     return Outcome(item.input, item.output, "done", "", item.id, seconds)
 
 
-def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: Recipe, *,
-                weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                batch_size: int | None = None,
-                overwrite: bool = False, progress: bool = True,
-                report: Callable[[str], None] | None = None) -> Report:
-    """Dreams every input into ``outdir`` with one recipe; one outcome per input, in order."""
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    items, failures = plan(inputs, out, [(recipe, {})], weights=weights, max_pixels=max_pixels)
-    say = report or (lambda line: tqdm.write(line, file=sys.stderr))
-    for failure in failures:
-        say(f"error: {failure.reason}")
-    result = render_items(items, weights=weights, batch_size=batch_size, overwrite=overwrite,
-                          progress=progress, report=report)
-    by_input = {outcome.input: outcome for outcome in [*failures, *result.outcomes]}
-    result.outcomes = [by_input[path] for path in inputs if path in by_input]
-    return result
-
-
 #: Above this many outputs the gallery is not written: a page of 100,000 thumbnails helps no
 #: one, and the manifest lists every output anyway.
 GALLERY_LIMIT = 2000
@@ -377,10 +369,11 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
 
 
 def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite: bool = False,
-                 progress: bool = True, report: Callable[[str], None] | None = None
-                 ) -> tuple[Report, Path | None]:
+                 progress: bool = True, report: Callable[[str], None] | None = None,
+                 gallery: bool = True) -> tuple[Report, Path | None]:
     """Runs a job config in this process (no Ray): every input under every grid variant,
-    then contact sheets and the gallery. Returns the report and the gallery's path."""
+    then (with ``gallery``) contact sheets and the gallery. Returns the report and the
+    gallery's path. ``jaxdream dream`` runs this, from a config file or from its options."""
     out = config.output
     if out.exists() and not out.is_dir():
         raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
@@ -393,5 +386,6 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
                           batch_size=batch_size or config.job.batch_size, overwrite=overwrite,
                           progress=progress, report=report)
     result.outcomes = [*failures, *result.outcomes]
-    gallery = sheets_and_gallery(config, items, result.outcomes, report=report)
-    return result, gallery
+    if not gallery:
+        return result, None
+    return result, sheets_and_gallery(config, items, result.outcomes, report=report)

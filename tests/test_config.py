@@ -130,8 +130,8 @@ def test_overrides_replace_file_values(tmp_path: Path) -> None:
                   seed=None, workers=2)
     assert config.output == Path("elsewhere")
     assert config.variants[0].recipe.steps == 5 and config.job.workers == 2
-    assert "job.yaml: dream.steps: must be between 1 and 10000" in error_of(tmp_path, BASE,
-                                                                            steps=-1)
+    with pytest.raises(ConfigError, match="^--steps: must be between 1 and 10000"):
+        load(tmp_path, BASE, steps=-1)  # an override is named as the option that gave it
     assert "unknown setting" in error_of(tmp_path, BASE, stpes=3)
 
 
