@@ -135,7 +135,7 @@ def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(unit_size=2),
                                                                      tmp_path)
     lines: list[str] = []
-    driver = jobs._Driver(config, items, writer, summary, say=lines.append, progress=False,
+    driver = jobs.Scheduler(config, items, writer, summary, say=lines.append, progress=False,
                           on_rows=None, worker_wait_s=1)
     unit = driver.queue.popleft()
     full = f"{tmp_path}/b_dream.png: cannot write: {os.strerror(errno.ENOSPC)}"
@@ -157,13 +157,13 @@ def test_a_job_whose_workers_all_died_stops_and_leaves_the_rest_to_resume(
     writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, [])
     summary = jobs.JobSummary()
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(), tmp_path)
-    driver = jobs._Driver(config, items, writer, summary, say=print, progress=False,
+    driver = jobs.Scheduler(config, items, writer, summary, say=print, progress=False,
                           on_rows=None, worker_wait_s=3600)
-    driver.slots = [jobs._Slot(handle=None, state="ready"), jobs._Slot(handle=None)]
+    driver.pool.workers = [jobs.Worker(handle=None, state="ready"), jobs.Worker(handle=None)]
     driver._check_workers()
     assert not summary.stopped
-    driver.slots[0].state = driver.slots[1].state = "dead"
-    driver.last_death = "ActorDiedError: out of memory"
+    driver.pool.workers[0].state = driver.pool.workers[1].state = "dead"
+    driver.pool.last_death = "ActorDiedError: out of memory"
     driver._check_workers()
     writer.close()
     assert summary.stopped == "no worker left (last: ActorDiedError: out of memory)"
