@@ -311,63 +311,6 @@ def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float) -> Ou
     return Outcome(item.input, item.output, "done", "", item.id, seconds)
 
 
-#: Above this many outputs the gallery is not written: a page of 100,000 thumbnails helps no
-#: one, and the manifest lists every output anyway.
-GALLERY_LIMIT = 2000
-
-
-def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
-                       outcomes: Sequence[Outcome], *,
-                       report: Callable[[str], None] | None = None) -> Path | None:
-    """Writes a contact sheet per input (when the job has a grid) and ``OUTDIR/index.html``.
-
-    Returns the gallery's path, or None when the job is too big for one page. A sheet that
-    cannot be written is reported and does not stop the others: the dreams themselves are
-    already safe on disk.
-    """
-    from jaxdream.gallery import GalleryEntry, Tile, contact_sheet, write_gallery
-
-    say = report or (lambda line: print(line, file=sys.stderr))
-    by_id = {outcome.id: outcome for outcome in outcomes if outcome.id}
-    entries: list[GalleryEntry] = []
-    if config.grid:
-        per_input: dict[str, list[WorkItem]] = {}
-        for item in items:
-            per_input.setdefault(item.input, []).append(item)
-        for path, group in per_input.items():
-            if len(group) != len(config.variants):
-                continue
-            tiles = [Tile(item.output, item.point, by_id[item.id].status if item.id in by_id
-                          else "missing") for item in group]
-            stem = group[0].output.name.rsplit("_dream", 1)[0]
-            sheet = group[0].output.parent / f"{stem}_grid.png"
-            try:
-                contact_sheet(tiles, config.grid, sheet,
-                              title=f"{Path(path).name}: {group[0].recipe.model}")
-            except (JaxdreamError, OSError) as error:
-                say(f"error: contact sheet {sheet}: {error}")
-                continue
-            entries.append(GalleryEntry(sheet, Path(path).name, {"grid": " x ".join(
-                name for name, _ in config.grid)}, "done", kind="sheet"))
-    if len(items) > GALLERY_LIMIT:
-        say(f"note: {len(items)} outputs, more than {GALLERY_LIMIT}: no index.html written "
-            f"(the manifest lists every output)")
-        return None
-    for item in items:
-        outcome = by_id.get(item.id)
-        params = {"layers": item.recipe.layers_text, "steps": item.recipe.steps,
-                  "octaves": item.recipe.octaves, "step_size": item.recipe.step_size,
-                  "seed": item.recipe.seed, **item.point}
-        entries.append(GalleryEntry(item.output, Path(item.input).name, params,
-                                    outcome.status if outcome else "missing",
-                                    outcome.reason if outcome else ""))
-    try:
-        return write_gallery(config.output, entries, title=f"jaxdream: {config.source}")
-    except (JaxdreamError, OSError) as error:
-        say(f"error: gallery {config.output / 'index.html'}: {error}")
-        return None
-
-
 def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite: bool = False,
                  progress: bool = True, report: Callable[[str], None] | None = None,
                  gallery: bool = True) -> tuple[Report, Path | None]:
@@ -388,4 +331,6 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
     result.outcomes = [*failures, *result.outcomes]
     if not gallery:
         return result, None
+    from jaxdream.gallery import sheets_and_gallery
+
     return result, sheets_and_gallery(config, items, result.outcomes, report=report)

@@ -127,7 +127,8 @@ def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: 
                         say: Callable[[str], None]) -> None:
     """Contact sheets (for a grid) and index.html from what the manifest records; a problem
     here is reported and never fails the job, whose outputs are already safe."""
-    from jaxdream.render import Outcome, sheets_and_gallery
+    from jaxdream.gallery import sheets_and_gallery
+    from jaxdream.render import Outcome
 
     try:
         rows = read_manifest(manifest)
