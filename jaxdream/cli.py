@@ -204,7 +204,7 @@ def _run_dream(args: argparse.Namespace) -> int:
 
 def _run_classify(args: argparse.Namespace) -> int:
     from jaxdream.classify import classify
-    from jaxdream.config import expand_inputs
+    from jaxdream.inputs import expand_inputs
     from jaxdream.images import load_rgb
     from jaxdream.models import DEFAULT_MODEL, load_model
 

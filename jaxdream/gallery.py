@@ -19,7 +19,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from jaxdream.errors import JaxdreamError
+from jaxdream.files import atomic_write, display
 from jaxdream.images import load_rgb, save_png
 
 if TYPE_CHECKING:
@@ -71,8 +71,7 @@ class GalleryEntry:
 
 def _text(value: Any) -> str:
     """A value as short display text: floats as %g, control characters and surrogates escaped."""
-    text = format(value, "g") if isinstance(value, float) else str(value)
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return display(format(value, "g") if isinstance(value, float) else str(value))
 
 
 def _font(size: int) -> Any:
@@ -221,22 +220,6 @@ def contact_sheet(tiles: Sequence[Tile], grid: Sequence[tuple[str, Sequence[Any]
 # HTML gallery
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a gallery is meant to be served and shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _url(rel: str) -> str:
     """A relative path as a URL: every component percent-encoded (':' too, so no scheme)."""
     return "/".join(urllib.parse.quote(os.fsencode(part), safe="") for part in rel.split(os.sep))
@@ -254,7 +237,7 @@ def _thumbnail(src: Path, dest: Path, side: int) -> tuple[int, int] | None:
         thumb = Image.fromarray(load_rgb(src, max_side=side))
         buf = io.BytesIO()
         thumb.save(buf, format="JPEG", quality=85)
-        _atomic_write(dest, buf.getvalue())
+        atomic_write(dest, lambda out: out.write(buf.getvalue()))
         return thumb.size
     except (JaxdreamError, OSError):
         return None
@@ -340,7 +323,7 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
                 f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n"
                 + "\n".join(body) + "\n</body></html>\n")
         index = outdir / "index.html"
-        _atomic_write(index, page.encode("utf-8"))
+        atomic_write(index, lambda out: out.write(page.encode("utf-8")))
     except OSError as exc:
         raise JaxdreamError(f"{_text(outdir)}: cannot write the gallery ({exc.strerror or exc})") from exc
     return index

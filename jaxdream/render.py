@@ -28,6 +28,7 @@ from jaxdream import __version__
 from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_params,
                              static_settings)
 from jaxdream.errors import JaxdreamError
+from jaxdream.files import output_folder
 from jaxdream.images import DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
@@ -125,12 +126,12 @@ def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: str, what: str = "an image") -> str:
+def _file_sha256(path: str) -> str:
     """SHA-256 of a regular file; a pipe, device, folder or empty file is an ImageError (a
     named pipe called photo.jpg must not hang the job)."""
     from jaxdream.images import _open_regular_file
 
-    with _open_regular_file(path, path, what) as handle:
+    with _open_regular_file(path, path) as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -153,7 +154,7 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     identities = {recipe.model: weights_sha256(recipe.model, weights) for recipe, _ in variants}
     # A guide image is part of every item's identity; one that cannot be read stops the job
     # before it starts (it is a setting, not one bad input among many).
-    guides = {recipe.guide: _file_sha256(recipe.guide, "a guide image")
+    guides = {recipe.guide: _file_sha256(recipe.guide)
               for recipe, _ in variants if recipe.guide}
     items: list[WorkItem] = []
     failures: list[Outcome] = []
@@ -178,7 +179,7 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
 def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
     """:func:`plan` for a loaded job config (inputs expanded, every grid variant); with
     ``config.lenient_inputs`` an input entry that yields no image is one more failure."""
-    from jaxdream.config import expand_inputs
+    from jaxdream.inputs import expand_inputs
 
     unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
     inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched)
@@ -206,6 +207,26 @@ def _load(item: WorkItem) -> np.ndarray:
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
+                ) -> list[tuple[int, np.ndarray | str]]:
+    """Each item's image, or the one-line reason it cannot be read. The variants of a grid
+    share their photo: it is read and checked once per chunk."""
+    decoded: dict[tuple[Any, ...], np.ndarray | str] = {}
+    loaded: list[tuple[int, np.ndarray | str]] = []
+    for index in chunk:
+        item = items[index]
+        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
+        if key not in decoded:
+            try:
+                decoded[key] = _load(item)
+            except JaxdreamError as error:
+                decoded[key] = str(error)
+            except OSError as error:
+                decoded[key] = _read_failure(item.input, error)
+        loaded.append((index, decoded[key]))
+    return loaded
 
 
 def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
@@ -258,20 +279,9 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             for chunk in _chunks(todo, CHUNK):
                 images: list[np.ndarray] = []
                 loaded: list[int] = []
-                # The variants of a grid share their photo: read and check it once per chunk.
-                decoded: dict[tuple[Any, ...], np.ndarray | str] = {}
-                for index in chunk:
-                    item = items[index]
-                    key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
-                    if key not in decoded:
-                        try:
-                            decoded[key] = _load(item)
-                        except JaxdreamError as error:
-                            decoded[key] = str(error)
-                        except OSError as error:
-                            decoded[key] = _read_failure(item.input, error)
-                    image = decoded[key]
+                for index, image in _load_chunk(items, chunk):
                     if isinstance(image, str):
+                        item = items[index]
                         finish(index, Outcome(item.input, None, "failed", image, item.id))
                         bar.update(1)
                     else:
@@ -317,10 +327,7 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
     """Runs a job config in this process (no Ray): every input under every grid variant,
     then (with ``gallery``) contact sheets and the gallery. Returns the report and the
     gallery's path. ``jaxdream dream`` runs this, from a config file or from its options."""
-    out = config.output
-    if out.exists() and not out.is_dir():
-        raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(config.output)
     items, failures = plan_items(config)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     for failure in failures:

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxdream.config import (DREAM_KEYS, GRID_KEYS, JOB_KEYS, MAX_VARIANTS, TOP_KEYS, JobConfig,
-                             JobSettings, expand_inputs, load_config)
+                             JobSettings, load_config)
 from jaxdream.errors import ConfigError
+from jaxdream.inputs import expand_inputs
 from jaxdream.models import MODELS
 from jaxdream.recipe import Recipe
 

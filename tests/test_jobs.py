@@ -25,6 +25,7 @@ from PIL import Image
 
 from jaxdream import jobs
 from jaxdream.config import JobSettings, load_config
+from jaxdream.files import display
 from jaxdream.recipe import Recipe
 from jaxdream.render import Outcome, WorkItem
 
@@ -122,7 +123,7 @@ def test_temporaries_of_interrupted_writes_are_removed_and_nothing_else(tmp_path
 
 
 def test_one_line_escapes_control_characters() -> None:
-    assert jobs.one_line("bad\nname\x1b[31m.png: text") == "bad\\x0aname\\x1b[31m.png: text"
+    assert display("bad\nname\x1b[31m.png: text") == "bad\\nname\\x1b[31m.png: text"
 
 
 def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path) -> None:
@@ -394,7 +395,7 @@ def test_hostile_corpus_through_a_private_local_ray(tmp_path: Path) -> None:
         else:
             assert row["status"] == "failed" and row["output"] is None, case.description
             assert row["error"] and "\n" not in row["error"], case.description
-            assert sum(jobs.one_line(row["error"]) in line for line in errors) == 1, (
+            assert sum(display(row["error"]) in line for line in errors) == 1, (
                 case.description)
     assert len(errors) == sum(not case.should_load for case in cases)
     pngs = [name for name in os.listdir(outdir) if name.endswith(".png")]

@@ -24,7 +24,7 @@ from typing import Any
 #: ``jaxdream.jobs.manifest`` can be imported (and tested) without Ray.
 _WHERE = {
     **dict.fromkeys(["MANIFEST_NAME", "ManifestWriter", "finished_rows", "item_key", "make_row",
-                     "one_line", "read_manifest", "recipe_params", "unreadable_id"], "manifest"),
+                     "read_manifest", "recipe_params", "unreadable_id"], "manifest"),
     **dict.fromkeys(["DreamWorker", "UnitResult", "Worker", "WorkerPlan", "WorkerPool",
                      "connect", "plan_workers", "worker_env"], "pool"),
     **dict.fromkeys(["UNITS_PER_WORKER", "WORKER_WAIT_S", "JobSummary", "Scheduler", "Unit",

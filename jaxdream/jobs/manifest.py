@@ -22,20 +22,17 @@ import datetime
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from jaxdream.errors import JobError
+from jaxdream.files import atomic_write
 
 if TYPE_CHECKING:
     from jaxdream.render import Outcome, WorkItem
 
 MANIFEST_NAME = "manifest.jsonl"
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
     """Every complete row of a manifest, in order; [] if there is none.
@@ -100,16 +97,8 @@ class ManifestWriter:
 
     def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Replaces the manifest with ``rows`` through a temporary file and a rename."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as file:
-                file.writelines(_dumps(row) for row in rows)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        text = "".join(_dumps(row) for row in rows)
+        atomic_write(self.path, lambda out: out.write(text.encode("utf-8")))
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
@@ -147,11 +136,6 @@ def unreadable_id(path: str) -> str:
     """An id for an input that could not even be hashed (so it has no item id)."""
     return "unreadable-" + hashlib.sha256(
         path.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-def one_line(text: str) -> str:
-    """``text`` with control characters escaped, so a hostile file name cannot forge lines."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _now() -> str:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +12,9 @@ import ray
 from tqdm import tqdm
 
 from jaxdream.errors import JaxdreamError, JobError
+from jaxdream.files import clean_temporaries, display, output_folder
 from jaxdream.jobs.manifest import (
-    MANIFEST_NAME, ManifestWriter, finished_rows, item_key, make_row, one_line, read_manifest,
+    MANIFEST_NAME, ManifestWriter, finished_rows, item_key, make_row, read_manifest,
     unreadable_id,
 )
 from jaxdream.jobs.pool import connect
@@ -25,35 +24,6 @@ if TYPE_CHECKING:
     from jaxdream.config import JobConfig
     from jaxdream.render import WorkItem
 
-#: ``save_png`` writes ``.<name>.<12 hex digits>.tmp`` next to the output, then renames it.
-_TEMP_NAME = re.compile(r"^\.(?P<base>.+)\.[0-9a-f]{12}\.tmp$")
-
-
-def clean_temporaries(outputs: Iterable[Path]) -> int:
-    """Removes the temporary files of interrupted writes of these outputs; returns how many.
-
-    A worker killed while writing leaves ``.<name>.<random>.tmp`` beside the output it was
-    writing (hidden, and never renamed into place). Only temporaries of the job's own outputs
-    are touched, and only when no worker of the job is running.
-    """
-    by_folder: dict[Path, set[str]] = {}
-    for output in outputs:
-        by_folder.setdefault(output.parent, set()).add(output.name[:100])
-    removed = 0
-    for folder, names in by_folder.items():
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            match = _TEMP_NAME.match(entry.name)
-            if match and match.group("base") in names and entry.is_file(follow_symlinks=False):
-                try:
-                    os.unlink(entry.path)
-                    removed += 1
-                except OSError:
-                    pass
-    return removed
 
 
 def run_job(config: JobConfig, *, address: str | None = None, resume: bool = False,
@@ -73,14 +43,8 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     start = time.perf_counter()
     outdir = config.output
-    if outdir.exists() and not outdir.is_dir():
-        raise JobError(f"output folder {str(outdir)!r} exists and is not a folder")
     items, unreadable = plan_items(config)
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise JobError(f"{outdir}: cannot create the output folder: "
-                       f"{error.strerror or error}") from None
+    output_folder(outdir, JobError)
     summary = JobSummary(planned=len(items) + len(unreadable), manifest=outdir / MANIFEST_NAME)
 
     finished: dict[tuple[str, str], Mapping[str, Any]] = {}
@@ -100,7 +64,7 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
         failures = [make_row(None, outcome, unreadable_id(outcome.input), outdir)
                     for outcome in unreadable]
         for row in failures:
-            say(f"error: {one_line(row['error'])}")
+            say(f"error: {display(row['error'])}")
         writer.append(failures)
         summary.failed += len(failures)
         if todo:
@@ -133,7 +97,7 @@ def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: 
     try:
         rows = read_manifest(manifest)
     except (JaxdreamError, OSError) as error:
-        say(f"error: gallery not written: {one_line(str(error))}")
+        say(f"error: gallery not written: {display(str(error))}")
         return
     outcomes = [Outcome(row["input"], config.output / row["output"] if row.get("output")
                         else None, row["status"], row.get("error") or "", row["id"])

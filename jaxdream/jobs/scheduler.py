@@ -24,7 +24,8 @@ import ray
 import ray.exceptions
 from tqdm import tqdm
 
-from jaxdream.jobs.manifest import MANIFEST_NAME, ManifestWriter, item_key, make_row, one_line
+from jaxdream.files import display
+from jaxdream.jobs.manifest import MANIFEST_NAME, ManifestWriter, item_key, make_row
 from jaxdream.jobs.pool import UnitResult, Worker, WorkerPool, plan_workers, reason
 
 if TYPE_CHECKING:
@@ -281,7 +282,7 @@ class Scheduler:
                 self.summary.done += 1
             else:
                 self.summary.failed += 1
-                self.say(f"error: {one_line(row['error'])}")
+                self.say(f"error: {display(row['error'])}")
                 if _DISK_FULL in row["error"] and not self.summary.stopped:
                     # Every later write would fail the same way: stop sending units.
                     self.summary.stopped = (f"the output disk is full ({row['error']}); free "
