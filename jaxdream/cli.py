@@ -1,4 +1,5 @@
-"""The ``jaxdream`` command: parses options, builds a recipe, calls the library."""
+"""The ``jaxdream`` command: parses options (the dream options are generated from the recipe
+fields), resolves them into a job config, and calls the library."""
 
 from __future__ import annotations
 
