@@ -16,7 +16,6 @@ into the PNG when saved, so ``jaxdream dream PHOTO --recipe SAVED.png`` renders 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
@@ -30,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 from jaxdream.errors import ConfigError, ImageError
-from jaxdream.objectives import Objective, Term, format_layers, parse_layers
+from jaxdream.objectives import Objective, Term
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -92,53 +91,31 @@ def _layers_value(value: Any, objective: Any) -> tuple[Any, str | None, tuple[in
             raise ConfigError("objective: a recipe holds one kind of term with one channel "
                               f"list for all its layers; got kinds {sorted(kinds)} and "
                               f"channels {sorted(channel_sets)}")
-        return ({t.layer: t.weight for t in terms}, kinds.pop(), channel_sets.pop())
+        return ({t.layer: float(t.weight) for t in terms}, kinds.pop(), channel_sets.pop())
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         value = ",".join(value)
     return value, objective, ()
 
 
-def resolve_recipe(model: str, settings: Mapping[str, Any], *, known_layers: Sequence[str],
-                   default_layers: str, source: str = "settings") -> Any:
-    """A validated :class:`~jaxdream.recipe.Recipe` from a preset and keyword settings.
-
-    Order of precedence, as on the command line: the recipe's defaults, then the preset's,
-    then each given setting. Unknown names are a ConfigError with a suggestion.
-    """
-    from jaxdream.recipe import PRESETS, Recipe
+def resolve_recipe(model: str, settings: Mapping[str, Any], *, source: str = "settings"
+                   ) -> Any:
+    """A validated :class:`~jaxdream.recipe.Recipe` from keyword settings, through the one path
+    that resolves configs and options (the recipe's defaults, the preset's, then each setting).
+    Layers and objectives may also be given as Python values (see :func:`_layers_value`)."""
+    from jaxdream.config import recipe_from_settings
 
     values = dict(settings)
-    fields = {f.name for f in dataclasses.fields(Recipe)} - {"model"}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        hints = [difflib.get_close_matches(name, sorted(fields), 1) for name in unknown]
-        raise ConfigError(f"{source}: unknown setting(s) " + ", ".join(
-            f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            for name, hint in zip(unknown, hints, strict=True))
-            + f"; settings are: {', '.join(sorted(fields))}")
-    preset = values.pop("preset", "classic")
-    if preset not in PRESETS:
-        raise ConfigError(f"{source}: preset: unknown preset {preset!r}; choose one of "
-                          f"{', '.join(PRESETS)}")
     layers, objective, channels = _layers_value(values.pop("layers", None),
                                                 values.pop("objective", None))
+    if layers is not None:
+        values["layers"] = layers
     if objective is not None:
         values["objective"] = objective
     if channels:
-        values["channels"] = channels
-    if "channels" in values:
-        values["channels"] = tuple(values["channels"])
-    if values.get("max_side") == 0:
-        values["max_side"] = None
-    if isinstance(layers, Mapping):
-        layers = format_layers({str(k): float(v) for k, v in layers.items()})
-    recipe = dataclasses.replace(PRESETS[preset], model=model, **values)
-    try:
-        parsed = parse_layers(layers if layers is not None else default_layers, known_layers)
-    except ConfigError as error:
-        raise ConfigError(f"{source}: {error} (model {model})") from None
-    recipe = dataclasses.replace(recipe, layers=tuple(parsed.items()))
-    return recipe.validate(source)
+        values["channels"] = list(channels)
+    if isinstance(values.get("channels"), tuple):
+        values["channels"] = list(values["channels"])
+    return recipe_from_settings(model, values, source)
 
 
 def _rgb_of_pil(image: Image.Image, max_side: int | None) -> np.ndarray:
@@ -249,9 +226,7 @@ class Dreamer:
     # ------------------------------------------------------------------------------ recipes
     def recipe(self, **settings: Any) -> Any:
         """The validated recipe these settings give with this model (see :func:`dream`)."""
-        spec = self.model.spec
-        return resolve_recipe(spec.name, settings, known_layers=list(spec.endpoints),
-                              default_layers=spec.default_layers)
+        return resolve_recipe(self.model.spec.name, settings)
 
     @property
     def stats(self) -> Any:
@@ -267,7 +242,9 @@ class Dreamer:
     def _engine(self, recipe: Any) -> Any:
         from jaxdream.engine import Engine, default_batch_size
 
-        settings = recipe.static_settings()
+        from jaxdream.engine import static_settings
+
+        settings = static_settings(recipe)
         if settings not in self._engines:
             self._engines[settings] = Engine(
                 self.model, settings, batch_size=self.batch_size or default_batch_size(),
@@ -278,16 +255,18 @@ class Dreamer:
     def _render(self, jobs: Sequence[tuple[np.ndarray, Any]]) -> list[np.ndarray]:
         from tqdm.auto import tqdm
 
+        from jaxdream.engine import item_params, static_settings
+
         groups: dict[Any, list[int]] = {}
         for index, (_, recipe) in enumerate(jobs):
-            groups.setdefault(recipe.static_settings(), []).append(index)
+            groups.setdefault(static_settings(recipe), []).append(index)
         results: list[np.ndarray | None] = [None] * len(jobs)
         with tqdm(total=len(jobs), unit="img", desc="dreaming",
                   disable=not self.progress) as bar:
             for members in groups.values():
                 engine = self._engine(jobs[members[0]][1])
                 images = [jobs[i][0] for i in members]
-                params = [jobs[i][1].item_params() for i in members]
+                params = [item_params(jobs[i][1]) for i in members]
                 for slot, out in engine.render_iter(images, params):
                     results[members[slot]] = out
                     bar.update(1)

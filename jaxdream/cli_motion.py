@@ -222,7 +222,7 @@ def _from_recipe(args: argparse.Namespace, kind: str
     from jaxdream.motion.animate import MOTION_KEYS
     from jaxdream.motion.common import DREAM_KEYS, DreamSchedules, parse_layer_weights
     from jaxdream.motion.schedules import parse_schedule, parse_schedules
-    from jaxdream.recipe import recipe_from_json
+    from jaxdream.config import recipe_from_json
 
     given = [f"--{name.replace('_', '-')}" for name in _RECIPE_SETS
              if getattr(args, name, None) not in (None, False, [])]

@@ -33,6 +33,7 @@ from jaxdream.models import LoadedModel
 from jaxdream.models.layers import compute_dtype as compute_dtype_of_networks
 from jaxdream.models.weights import cache_root
 from jaxdream.objectives import Term, TermParams, term_params
+from jaxdream.recipe import Recipe
 
 #: Guide images are squeezed to this square before their features are taken, so every guide
 #: gives features of one shape (the original notebook used a 224 x 224 crop).
@@ -55,6 +56,25 @@ class ItemParams:
     layer_weights: tuple[float, ...]
     channels: tuple[int, ...] = ()
     guide: str | None = None  # path of the guide image, for the guide objective
+
+
+def static_settings(recipe: Recipe) -> StaticSettings:
+    """The settings of ``recipe`` that select a compiled program."""
+    assert recipe.layers is not None, "resolve the default layer first"
+    return StaticSettings(layers=tuple(name for name, _ in recipe.layers),
+                          octaves=recipe.octaves, octave_scale=float(recipe.octave_scale),
+                          steps=recipe.steps, objective=recipe.objective,
+                          normaliser=recipe.normaliser, update=recipe.update,
+                          tile_size=recipe.tile_size, tile_above=recipe.tile_above)
+
+
+def item_params(recipe: Recipe) -> ItemParams:
+    """The per-image values of ``recipe`` (vmapped: images with different ones share a
+    program)."""
+    assert recipe.layers is not None, "resolve the default layer first"
+    return ItemParams(step_size=float(recipe.step_size), jitter=recipe.jitter, seed=recipe.seed,
+                      layer_weights=tuple(float(w) for _, w in recipe.layers),
+                      channels=recipe.channels, guide=recipe.guide)
 
 
 @dataclasses.dataclass

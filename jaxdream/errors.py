@@ -26,3 +26,7 @@ class ConversionError(JaxdreamError):
 
 class ConfigError(JaxdreamError):
     """A recipe, option or config value is unknown, of the wrong type, or impossible."""
+
+
+class JobError(JaxdreamError):
+    """A job as a whole cannot go on (no cluster, no worker, the manifest cannot be written)."""

@@ -18,6 +18,7 @@ import caffefmt as cf
 from conftest import EXAMPLES
 from jaxdream import ascent as dream
 from jaxdream.cli import main
+from jaxdream.engine import static_settings
 from jaxdream.errors import CheckpointError
 from jaxdream.images import read_recipe
 from jaxdream.models import MODELS, caffe_googlenet, load_model
@@ -56,7 +57,7 @@ def test_the_classic_step_is_the_notebooks_on_mean_subtracted_bgr(weights: Path)
     module = load_model("bvlc_googlenet", weights).module
     end = "inception_4c/output"
     classic = PRESETS["classic"]
-    settings = dataclasses.replace(classic, layers=((end, 1.0),)).static_settings()
+    settings = static_settings(dataclasses.replace(classic, layers=((end, 1.0),)))
     assert (settings.octaves, settings.octave_scale, settings.steps) == (4, 1.4, 10)
     assert (classic.step_size, classic.jitter) == (1.5, 32)
 

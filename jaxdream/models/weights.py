@@ -15,14 +15,15 @@ import hashlib
 import importlib.resources
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
 from jaxdream.errors import JaxdreamError
+from jaxdream.files import atomic_write
 
 
 class WeightsError(JaxdreamError):
@@ -110,55 +111,48 @@ def fetch(name: str, source: WeightsSource, *, force: bool = False, progress: bo
     if destination.is_file() and not force:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent,
-                                         prefix=f".{source.file_name}.", suffix=".part")
+    atomic_write(destination, lambda out: _download(name, source, out, progress, timeout))
+    return destination
+
+
+def _download(name: str, source: WeightsSource, out: IO[bytes], progress: bool,
+              timeout: float) -> None:
+    """Streams ``source.url`` into ``out``, checking its length and published SHA-256 prefix;
+    any problem raises, so that the partial file is never renamed into the cache."""
     digest = hashlib.sha256()
     digest_sha1 = hashlib.sha1(usedforsecurity=False)
     try:
-        with os.fdopen(handle, "wb") as out:
-            try:
-                response = urllib.request.urlopen(source.url, timeout=timeout)  # noqa: S310
-            except urllib.error.HTTPError as error:
-                raise WeightsError(f"{name}: cannot download {source.url}: HTTP {error.code} "
-                                   f"{error.reason}") from None
-            except (urllib.error.URLError, OSError) as error:
-                reason = getattr(error, "reason", error)
-                raise WeightsError(f"{name}: cannot download {source.url}: {reason}") from None
-            with response:
-                expected = response.headers.get("Content-Length")
-                total = int(expected) if expected and expected.isdigit() else None
-                received = 0
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=f"fetching {source.file_name}", disable=not progress,
-                          file=sys.stderr) as bar:
-                    while True:
-                        try:
-                            block = response.read(1 << 20)
-                        except (OSError, ValueError) as error:
-                            raise WeightsError(f"{name}: download of {source.url} was "
-                                               f"interrupted after {received} bytes: {error}"
-                                               ) from None
-                        if not block:
-                            break
-                        out.write(block)
-                        digest.update(block)
-                        digest_sha1.update(block)
-                        received += len(block)
-                        bar.update(len(block))
-            if total is not None and received != total:
-                raise WeightsError(f"{name}: download of {source.url} was interrupted: got "
-                                   f"{received} of {total} bytes")
-            out.flush()
-            os.fsync(out.fileno())
-        _verify(name, source, digest.hexdigest(), digest_sha1.hexdigest())
-        os.replace(temporary, destination)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    return destination
+        response = urllib.request.urlopen(source.url, timeout=timeout)  # noqa: S310
+    except urllib.error.HTTPError as error:
+        raise WeightsError(f"{name}: cannot download {source.url}: HTTP {error.code} "
+                           f"{error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise WeightsError(f"{name}: cannot download {source.url}: {reason}") from None
+    with response:
+        expected = response.headers.get("Content-Length")
+        total = int(expected) if expected and expected.isdigit() else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"fetching {source.file_name}", disable=not progress,
+                  file=sys.stderr) as bar:
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except (OSError, ValueError) as error:
+                    raise WeightsError(f"{name}: download of {source.url} was interrupted "
+                                       f"after {received} bytes: {error}") from None
+                if not block:
+                    break
+                out.write(block)
+                digest.update(block)
+                digest_sha1.update(block)
+                received += len(block)
+                bar.update(len(block))
+    if total is not None and received != total:
+        raise WeightsError(f"{name}: download of {source.url} was interrupted: got "
+                           f"{received} of {total} bytes")
+    _verify(name, source, digest.hexdigest(), digest_sha1.hexdigest())
 
 
 def _verify(name: str, source: WeightsSource, sha256: str, sha1: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdream.engine import Engine, ItemParams, default_batch_size
+from jaxdream.engine import Engine, ItemParams, default_batch_size, item_params, static_settings
 from jaxdream.errors import ConfigError, JaxdreamError
 from jaxdream.images import load_rgb, save_png, to_uint8
 from jaxdream.models import LoadedModel, load_model
@@ -105,13 +105,13 @@ class Engines:
         results: list[np.ndarray | None] = [None] * len(starts)
         groups: dict[Any, list[int]] = {}
         for index, recipe in enumerate(recipes):
-            groups.setdefault(recipe.static_settings(), []).append(index)
+            groups.setdefault(static_settings(recipe), []).append(index)
         for settings, members in groups.items():
             engine = self._engines.get(settings)
             if engine is None:
                 engine = self._engines[settings] = Engine(
                     self.model, settings, batch_size=min(self.batch_size, len(members)))
-            params: list[ItemParams] = [recipes[i].item_params() for i in members]
+            params: list[ItemParams] = [item_params(recipes[i]) for i in members]
             for slot, out in enumerate(engine.render([starts[i] for i in members], params)):
                 results[members[slot]] = out
         self.rendered += len(starts)

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from jaxdream.errors import ImageError
-from jaxdream.images import DEFAULT_MAX_PIXELS, _create_temp_file, _fsync_directory
+from jaxdream.files import atomic_path as _atomic
+from jaxdream.images import DEFAULT_MAX_PIXELS
 
 #: Frame rates outside this range are refused (a broken header can claim 0 or 90000 fps).
 MIN_FPS, MAX_FPS = 0.1, 1000.0
@@ -130,25 +131,6 @@ def even(image: np.ndarray) -> np.ndarray:
     """Crops a row and a column if needed: H.264 in yuv420p needs even sides."""
     height, width = image.shape[:2]
     return image[:height - height % 2, :width - width % 2]
-
-
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike[str]) -> Iterator[str]:
-    """A temporary path beside ``path``, renamed over it when the block succeeds, removed when
-    it fails."""
-    dest = os.fspath(path)
-    directory = os.path.dirname(dest) or "."
-    fd, tmp = _create_temp_file(directory, os.path.basename(dest))
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, dest)
-        tmp = ""
-        _fsync_directory(directory)
-    finally:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def write_mp4(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps: Fraction | float,
