@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import reprlib
+import stat
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -125,6 +126,50 @@ def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
     return sizes[id(node)]
 
 
+def _duplicate_key(node: yaml.Node, path: str, seen: set[int]) -> str | None:
+    """The first key written twice in one mapping, as ``path (lines A and B)``, or None. Nodes
+    reached again through an alias are walked once, so an alias bomb costs its size on disk."""
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            child = f"{path}.{name}" if path else name
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
+                    return (f"{_show(child)[1:-1]}: duplicate key (lines "
+                            f"{first[key.tag, key.value]} and {line}); give each key once")
+                first[key.tag, key.value] = line
+            children.append((child, value))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+    for child, value in children:
+        found = _duplicate_key(value, child, seen)
+        if found:
+            return found
+    return None
+
+
+def _load_unique_keys(source: str, text: str) -> Any:
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently, so ``output:`` written twice would quietly change where results go)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        duplicate = _duplicate_key(node, "", set())
+        if duplicate:
+            raise ConfigError(f"{source}: {duplicate}")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(source: str) -> dict[Any, Any]:
     try:
         with open(source, "rb") as file:
@@ -135,7 +180,7 @@ def _read_yaml(source: str) -> dict[Any, Any]:
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(f"{source}: too large for a config (over {MAX_FILE_BYTES} bytes)")
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
+        data = _load_unique_keys(source, raw.decode("utf-8"))
         size = _expanded_size(data, {})
     except UnicodeDecodeError as error:
         raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
@@ -361,6 +406,21 @@ def image_files(folder: str) -> list[str]:
             if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file()]
 
 
+def _what_it_is(entry: str) -> str:
+    """Why an entry that is neither a folder, a file nor a glob cannot be used."""
+    try:
+        mode = os.stat(entry).st_mode
+    except OSError:
+        return "no such file or folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not an image or a list"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not an image or a list"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not an image or a list"
+    return "not a regular file, an image or a list"
+
+
 def _expand_entry(entry: Any, where: str) -> list[str]:
     if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ConfigError(f"{where}: expected a path, got {_show(entry)}")
@@ -383,7 +443,7 @@ def _expand_entry(entry: Any, where: str) -> list[str]:
                      and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
             empty = "matches no image file"
         else:
-            raise ConfigError(f"{where}: {entry!r}: no such file or folder")
+            raise ConfigError(f"{where}: {entry!r}: {_what_it_is(entry)}")
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or "not UTF-8 text"
         raise ConfigError(f"{where}: cannot read {entry!r}: {reason}") from None
