@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jaxdream import __version__
-from jaxdream.errors import JaxdreamError
+from jaxdream.errors import JaxdreamError, brief
 
 if TYPE_CHECKING:  # the library is imported lazily, so that --help and --version are instant
     from jaxdream.recipe import Recipe
@@ -169,7 +169,7 @@ def _recipe_from_args(args: argparse.Namespace) -> tuple[Recipe, str | None]:
             overrides["channels"] = tuple(int(c) for c in args.channels.split(",") if c.strip())
         except ValueError:
             raise JaxdreamError(f"--channels: expected integers like 3,17, got "
-                                f"{args.channels!r}") from None
+                                f"{brief(args.channels)}") from None
     recipe = dataclasses.replace(
         base, **{key: value for key, value in overrides.items() if value is not None})
     if recipe.model != base.model:
@@ -185,7 +185,8 @@ def _recipe_from_args(args: argparse.Namespace) -> tuple[Recipe, str | None]:
                                    and args.model != base.model):
         recipe = recipe.with_layers(spec.default_layers, list(spec.endpoints))
     else:
-        recipe = recipe.with_layers(recipe.layers_text, list(spec.endpoints))
+        recipe = recipe.with_layers(recipe.layers_text, list(spec.endpoints),
+                                    f"recipe {args.recipe}" if args.recipe else None)
     return recipe.validate("options"), recipe_sha
 
 

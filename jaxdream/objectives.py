@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdream.errors import ConfigError
+from jaxdream.errors import ConfigError, brief, first_few
 
 _LAYER_ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?::\s*([-+0-9.eE]+)\s*)?$")
 
@@ -33,19 +33,21 @@ def parse_layers(text: str, known: Sequence[str] | None = None) -> dict[str, flo
     for item in text.split(","):
         match = _LAYER_ITEM.match(item)
         if not match:
-            raise ConfigError(f"layers: cannot parse {item.strip()!r}; expected NAME or "
+            raise ConfigError(f"layers: cannot parse {brief(item.strip())}; expected NAME or "
                               f"NAME:WEIGHT, e.g. 'block8:1,block10:2'")
         name, weight_text = match.group(1), match.group(2)
         try:
             weight = float(weight_text) if weight_text is not None else 1.0
         except ValueError:
-            raise ConfigError(f"layers: weight {weight_text!r} of {name} is not a number") from None
+            raise ConfigError(f"layers: weight {brief(weight_text)} of {brief(name)} is not a "
+                              f"number") from None
         if not jnp.isfinite(weight):
-            raise ConfigError(f"layers: weight of {name} must be finite, got {weight_text}")
+            raise ConfigError(f"layers: weight of {brief(name)} must be finite, got "
+                              f"{brief(weight_text)}")
         if name in layers:
-            raise ConfigError(f"layers: {name} is listed twice")
+            raise ConfigError(f"layers: {brief(name)} is listed twice")
         if known is not None and name not in known:
-            raise ConfigError(f"layers: unknown endpoint {name!r}; this model has: "
+            raise ConfigError(f"layers: unknown endpoint {brief(name)}; this model has: "
                               f"{', '.join(known)}")
         layers[name] = weight
     if all(w == 0 for w in layers.values()):
@@ -166,8 +168,9 @@ def term_params(term: Term, channels: int, guide_features: np.ndarray | None = N
     if term.kind in ("channel", "neuron"):
         bad = [c for c in term.channels if c >= channels]
         if bad:
-            raise ConfigError(f"channels: {bad} out of range for layer {term.layer}, which has "
-                              f"{channels} channels (0..{channels - 1})")
+            raise ConfigError(f"channels: {len(bad)} out of range for layer {term.layer}, "
+                              f"which has {channels} channels (0..{channels - 1}): "
+                              f"{first_few(list(bad))}")
         mask = np.zeros((channels,), np.float32)
         mask[list(term.channels)] = 1.0
     features = np.zeros((0, 0), np.float32)

@@ -15,7 +15,7 @@ from typing import Any
 from jaxdream import __version__
 from jaxdream.dream import StaticSettings
 from jaxdream.engine import ItemParams
-from jaxdream.errors import ConfigError
+from jaxdream.errors import ConfigError, brief, first_few
 from jaxdream.objectives import format_layers, parse_layers
 
 MAX_SEED = 2**32 - 1
@@ -71,7 +71,7 @@ class Recipe:
         ]
         for key, value, kind in checks:
             if isinstance(value, bool) or not isinstance(value, kind):
-                raise bad(key, f"expected a number, got {value!r}")
+                raise bad(key, f"expected a number, got {brief(value)}")
         if self.octaves < 1 or self.octaves > 12:
             raise bad("octaves", f"must be between 1 and 12, got {self.octaves}")
         if not (math.isfinite(self.octave_scale) and 1.0 < self.octave_scale <= 4.0):
@@ -88,18 +88,30 @@ class Recipe:
                                           or not isinstance(self.max_side, int)
                                           or self.max_side < 16):
             raise bad("max_side", f"must be an integer of at least 16 (or 0 for the "
-                                  f"input's own size), got {self.max_side!r}")
+                                  f"input's own size), got {brief(self.max_side)}")
         if self.layers is not None and not self.layers:
             raise bad("layers", "is empty")
+        for name, weight in self.layers or ():
+            if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(
+                    weight, (int, float)):
+                raise bad("layers", f"expected endpoint -> weight, got {brief(name)}: "
+                                    f"{brief(weight)}")
+            if not math.isfinite(weight):
+                raise bad("layers", f"the weight of {brief(name)} must be a finite number, "
+                                    f"got {weight} (too large, or not a number)")
         for key, value, choices in (("objective", self.objective, OBJECTIVES),
                                     ("normaliser", self.normaliser, NORMALISERS),
                                     ("update", self.update, UPDATES)):
             if value not in choices:
-                raise bad(key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
-        if not isinstance(self.channels, tuple) or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.channels):
+                raise bad(key, f"unknown value {brief(value)}; choose one of {', '.join(choices)}")
+        if not isinstance(self.channels, tuple):
             raise bad("channels", f"expected a list of channel indices (integers >= 0), got "
-                                  f"{self.channels!r}")
+                                  f"{brief(self.channels)}")
+        wrong = [c for c in self.channels
+                 if not isinstance(c, int) or isinstance(c, bool) or c < 0]
+        if wrong:
+            raise bad("channels", f"expected channel indices (integers >= 0); {len(wrong)} of "
+                                  f"{len(self.channels)} are not: {first_few(wrong)}")
         if self.objective in ("channel", "neuron") and not self.channels:
             raise bad("channels", f"objective {self.objective!r} needs at least one channel")
         if self.objective not in ("channel", "neuron") and self.channels:
@@ -111,17 +123,19 @@ class Recipe:
             raise bad("guide", "a guide image is only used by objective 'guide'")
         for key, value in (("tile_size", self.tile_size), ("tile_above", self.tile_above)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(key, f"expected an integer >= 0, got {value!r}")
+                raise bad(key, f"expected an integer >= 0, got {brief(value)}")
         if self.tile_above and self.tile_size < 64:
             raise bad("tile_size", f"must be at least 64 pixels when tiling, got "
                                    f"{self.tile_size}")
         return self
 
-    def with_layers(self, text: str, known: list[str]) -> Recipe:
+    def with_layers(self, text: str, known: list[str], source: str | None = None) -> Recipe:
+        """The recipe with ``text`` parsed as its layers; errors name ``source`` if given."""
         try:
             layers = parse_layers(text, known)
         except ConfigError as error:
-            raise ConfigError(f"{error} (model {self.model})") from None
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}{error} (model {self.model})") from None
         return dataclasses.replace(self, layers=tuple(layers.items()))
 
     def static_settings(self) -> StaticSettings:
@@ -195,10 +209,11 @@ def recipe_from_json(data: Mapping[str, Any], source: str) -> tuple[Recipe, str 
         raise ConfigError(f"{source}: recipe is not a JSON object")
     unknown = sorted(set(data) - _FIELDS - _META_KEYS)
     if unknown:
-        raise ConfigError(f"{source}: unknown recipe key(s) {unknown}")
+        raise ConfigError(f"{source}: {len(unknown)} unknown recipe key(s): "
+                          f"{first_few(list(unknown))}")
     preset_name = data.get("preset", "classic")
-    if preset_name not in PRESETS:
-        raise ConfigError(f"{source}: preset: unknown preset {preset_name!r}")
+    if not isinstance(preset_name, str) or preset_name not in PRESETS:
+        raise ConfigError(f"{source}: preset: unknown preset {brief(preset_name)}")
     values = {key: data[key] for key in _FIELDS if key in data}
     layers = values.pop("layers", None)
     if layers is not None:
@@ -208,6 +223,10 @@ def recipe_from_json(data: Mapping[str, Any], source: str) -> tuple[Recipe, str 
                            for v in layers.values())):
             raise ConfigError(f"{source}: layers: expected an object of endpoint -> weight")
         values["layers"] = tuple((name, float(weight)) for name, weight in layers.items())
+        for name, weight in values["layers"]:
+            if not math.isfinite(weight):  # JSON's 1e400 parses as infinity
+                raise ConfigError(f"{source}: layers: the weight of {brief(name)} is too large "
+                                  f"(it overflows to infinity); give a finite number")
     if "channels" in values:
         channels = values["channels"]
         if not isinstance(channels, list):
