@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from jaxdream import __version__
 from jaxdream.errors import JaxdreamError, brief
+from jaxdream.outdir import claim
 
 if TYPE_CHECKING:  # the library is imported lazily, so that --help and --version are instant
     from jaxdream.recipe import Recipe
@@ -19,14 +20,20 @@ if TYPE_CHECKING:  # the library is imported lazily, so that --help and --versio
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _expand_inputs(paths: Sequence[str]) -> list[str]:
-    """Files as given; folders become their image files (sorted, not recursive). A missing
-    file stays in the list: it is reported with the other per-input failures."""
+def _expand_inputs(paths: Sequence[str], outdir: Path | None = None) -> list[str]:
+    """Files as given; folders become their image files (sorted, not recursive), less this
+    job's own outputs when the folder is ``outdir`` (or inside it). A missing file stays in
+    the list: it is reported with the other per-input failures."""
     from jaxdream.config import image_files
+    from jaxdream.outdir import leave_out_outputs
 
     expanded: list[str] = []
     for path in paths:
-        expanded.extend(image_files(path) if Path(path).is_dir() else [path])
+        if Path(path).is_dir():
+            found = image_files(path)
+            expanded.extend(leave_out_outputs(found, outdir) if outdir is not None else found)
+        else:
+            expanded.append(path)
     return expanded
 
 
@@ -104,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "GPU/TPU)")
     dream.add_argument("--overwrite", action="store_true",
                        help="replace outputs that already exist (default: skip them)")
+    dream.add_argument("--force", action="store_true",
+                       help="allow the filesystem root or the home folder itself as OUTDIR")
     dream.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     classify = commands.add_parser(
@@ -226,10 +235,11 @@ def _run_dream_config(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
     config = load_config(args.config, {"output": args.output, "max_pixels": args.max_pixels})
-    _use_compilation_cache()
-    start = time.perf_counter()
-    report, gallery = dream_config(config, batch_size=args.batch_size,
-                                   overwrite=args.overwrite, progress=not args.quiet)
+    with claim(config.output, "jaxdream dream", force=args.force):
+        _use_compilation_cache()
+        start = time.perf_counter()
+        report, gallery = dream_config(config, batch_size=args.batch_size,
+                                       overwrite=args.overwrite, progress=not args.quiet)
     variants = len(config.variants)
     print(_summary("dreamed", report.outcomes, config.output, time.perf_counter() - start,
                    report.compile_stats) + f"; {variants} setting(s) per input", file=sys.stderr)
@@ -238,37 +248,46 @@ def _run_dream_config(args: argparse.Namespace) -> int:
     for outcome in report.outcomes:
         if outcome.status == "done":
             print(outcome.output)
-    return EXIT_SOME_FAILED if any(o.status == "failed" for o in report.outcomes) else EXIT_OK
+    failed = any(o.status == "failed" for o in report.outcomes) or report.problems
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def _run_dream(args: argparse.Namespace) -> int:
-    from jaxdream.engine import default_batch_size
-    from jaxdream.models import load_model
-    from jaxdream.images import DEFAULT_MAX_PIXELS
-    from jaxdream.render import dream_files
-
     if args.config is not None:
         return _run_dream_config(args)
     if not args.inputs or args.output is None:
         raise JaxdreamError("dream needs INPUT... and -o OUTDIR (or --config FILE)")
-    _use_compilation_cache()
     recipe, recipe_sha = _recipe_from_args(args)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_pixels is not None and args.max_pixels < 256:
+        raise JaxdreamError(f"--max-pixels must be at least 256, got {args.max_pixels}")
+    # Claimed before the model loads: a busy, unwritable or dangerous folder is refused at once.
+    with claim(Path(args.output), "jaxdream dream", force=args.force):
+        return _dream_into_claimed(args, recipe, recipe_sha)
+
+
+def _dream_into_claimed(args: argparse.Namespace, recipe: Recipe, recipe_sha: str | None
+                        ) -> int:
+    """``jaxdream dream INPUT... -o OUTDIR`` once OUTDIR is created and locked."""
+    from jaxdream.engine import default_batch_size
+    from jaxdream.images import DEFAULT_MAX_PIXELS
+    from jaxdream.models import load_model
+    from jaxdream.render import dream_files
+
+    _use_compilation_cache()
     if args.batch_size is None:
         args.batch_size = default_batch_size()
-    elif args.batch_size < 1:
-        raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
     model = load_model(recipe.model, args.weights)
     if recipe_sha is not None and recipe_sha != model.weights_sha256:
         raise JaxdreamError(
             f"recipe {args.recipe} was rendered with weights sha256 {recipe_sha[:16]}..., "
             f"but the loaded weights are {model.weights_sha256[:16]}...; pass --weights with "
             f"the matching file")
-    inputs = _expand_inputs(args.inputs)
+    inputs = _expand_inputs(args.inputs, Path(args.output))
     if not inputs:
         raise JaxdreamError("no input images found")
     start = time.perf_counter()
-    if args.max_pixels is not None and args.max_pixels < 256:
-        raise JaxdreamError(f"--max-pixels must be at least 256, got {args.max_pixels}")
     report = dream_files(inputs, args.output, recipe, weights=args.weights,
                          max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                          batch_size=args.batch_size, overwrite=args.overwrite,

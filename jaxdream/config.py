@@ -421,13 +421,13 @@ def _what_it_is(entry: str) -> str:
     return "not a regular file, an image or a list"
 
 
-def _expand_entry(entry: Any, where: str) -> list[str]:
+def _expand_entry(entry: Any, where: str, outdir: Path | None) -> list[str]:
     if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ConfigError(f"{where}: expected a path, got {_show(entry)}")
     path = Path(entry)
     try:
         if path.is_dir():
-            found = image_files(entry)
+            found = _without_outputs(image_files(entry), outdir)
             empty = "holds no image file"
         elif path.is_file() and path.suffix.lower() == ".txt":
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -439,8 +439,9 @@ def _expand_entry(entry: Any, where: str) -> list[str]:
         elif path.is_file():
             return [entry]
         elif any(char in entry for char in "*?["):
-            found = [p for p in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(p)
-                     and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+            found = _without_outputs(
+                [p for p in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(p)
+                 and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS], outdir)
             empty = "matches no image file"
         else:
             raise ConfigError(f"{where}: {entry!r}: {_what_it_is(entry)}")
@@ -452,7 +453,16 @@ def _expand_entry(entry: Any, where: str) -> list[str]:
     return found
 
 
-def expand_inputs(entries: Sequence[str], *, source: str = "inputs") -> list[str]:
+def _without_outputs(found: list[str], outdir: Path | None) -> list[str]:
+    if outdir is None:
+        return found
+    from jaxdream.outdir import leave_out_outputs
+
+    return leave_out_outputs(found, outdir)
+
+
+def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
+                  outdir: Path | None = None) -> list[str]:
     """The image paths that config input entries name, deduplicated in first-seen order.
 
     An entry is a file; a folder (its image files by extension, sorted, not recursive); a glob
@@ -460,10 +470,12 @@ def expand_inputs(entries: Sequence[str], *, source: str = "inputs") -> list[str
     per line (blank lines and ``#`` comments skipped, relative paths from the list's folder).
     An entry that matches nothing is a ConfigError naming ``source[index]``; pass
     ``source=f"{config.source}: inputs"``. Images are not opened, and the lines of a list are
-    not checked: the renderer reports a missing or bad image on its own, as it goes.
+    not checked: the renderer reports a missing or bad image on its own, as it goes. With
+    ``outdir``, folders and globs leave out that job's own outputs (see
+    :func:`jaxdream.outdir.leave_out_outputs`); a file named on its own is always kept.
     """
     found: dict[str, str] = {}  # normalised path -> first spelling seen (dicts keep order)
     for index, entry in enumerate(entries):
-        for path in _expand_entry(entry, f"{source}[{index}]"):
+        for path in _expand_entry(entry, f"{source}[{index}]", outdir):
             found.setdefault(os.path.normpath(path), path)
     return list(found.values())

@@ -336,5 +336,9 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
         index = outdir / "index.html"
         _atomic_write(index, page.encode("utf-8"))
     except OSError as exc:
-        raise JaxdreamError(f"{_text(outdir)}: cannot write the gallery ({exc.strerror or exc})") from exc
+        where = exc.filename if isinstance(exc.filename, str) else outdir
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError) and os.path.abspath(where) == os.path.abspath(thumbs):
+            why = "it exists and is not a folder"  # mkdir's EEXIST on a file or FIFO in the way
+        raise JaxdreamError(f"{_text(where)}: cannot write the gallery ({why})") from exc
     return index

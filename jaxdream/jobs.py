@@ -27,10 +27,12 @@ Manifest rows (JSON objects, one per line)::
 ``done`` or ``failed``, ``error`` the one-line reason of a failure, ``params`` the item's full
 recipe and ``point`` its grid point, ``seconds`` the item's render time in the worker. An item
 is identified by its id *and* output (two copies of one photo share an id, not an output).
-Rows are only ever appended; when an item appears more than once its last row wins. A run
-without ``resume`` starts a fresh manifest; a resumed run first rewrites it (atomically) to
-hold exactly the rows of the items it skips, so after a run that finishes every planned item
-has exactly one row.
+Rows are only ever appended; when an item appears more than once its last row wins. The
+driver holds the output folder's lock (:mod:`jaxdream.outdir`) for the whole job, so a second
+job on the same folder is refused. The manifest is never replaced with less than it held: at
+the start and the end of a job it is rebuilt (atomically) from what exists, each item's last
+row except done rows whose output is gone (:func:`compact_rows`), so after a run that finishes
+every planned item has exactly one row, and rows of earlier jobs in the folder are kept.
 """
 
 from __future__ import annotations
@@ -259,21 +261,43 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     A driver killed while appending may leave a torn last line; it (and any other line that is
     not a JSON object with an id) is ignored.
     """
+    return _read_manifest(path)[0]
+
+
+def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows, and whether the file holds nothing else (no torn or foreign line)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return [], True
     except OSError as error:
         raise JobError(f"{path}: cannot read the manifest: {error.strerror or error}") from None
     rows: list[dict[str, Any]] = []
-    for line in data.splitlines():
+    lines = data.splitlines()
+    for line in lines:
         try:
             row = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(row, dict) and isinstance(row.get("id"), str):
             rows.append(row)
-    return rows
+    return rows, len(rows) == len(lines) and (not data or data.endswith(b"\n"))
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """One item per (id, input): a retry or a later run of the item supersedes its row."""
+    return row["id"], str(row.get("input"))
+
+
+def compact_rows(rows: Sequence[Mapping[str, Any]], outdir: Path) -> list[Mapping[str, Any]]:
+    """The manifest rebuilt from what exists: each item's last row, in order, except done
+    rows whose output file is gone. Nothing else is ever dropped (rows of other jobs or
+    configs in the same folder included)."""
+    last = {_row_key(row): index for index, row in enumerate(rows)}
+    return [row for index, row in enumerate(rows)
+            if last[_row_key(row)] == index
+            and not (row.get("status") == "done" and not (
+                isinstance(row.get("output"), str) and (outdir / row["output"]).is_file()))]
 
 
 def item_key(item: WorkItem, outdir: Path) -> tuple[str, str]:
@@ -298,53 +322,70 @@ def finished_rows(rows: Iterable[Mapping[str, Any]], outdir: Path
 
 
 class ManifestWriter:
-    """Appends rows to the manifest; each batch is flushed and fsync-ed before returning."""
+    """Appends rows to the manifest; each batch is one write, flushed and fsync-ed.
 
-    def __init__(self, path: Path, keep: Sequence[Mapping[str, Any]]) -> None:
+    The caller holds the output folder's lock (:mod:`jaxdream.outdir`), so no other jaxdream
+    job writes here. Opening compacts the manifest (:func:`compact_rows`) when there is
+    anything to drop, through a temporary file and a rename; afterwards rows are only ever
+    appended, each batch with a single ``write`` on an ``O_APPEND`` descriptor, so not even a
+    writer outside the lock could tear or lose a row.
+    """
+
+    def __init__(self, path: Path, outdir: Path) -> None:
         self.path = path
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
         try:
-            self._rewrite(keep)
-            self._file = open(path, "a", encoding="utf-8")
+            compact_manifest(path, outdir)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                               | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as error:
-            raise self._error(error) from None
-
-    def _error(self, error: OSError) -> JobError:
-        return JobError(f"{self.path}: cannot write the manifest: {error.strerror or error}; "
-                        f"outputs finished so far are complete, rerun with --resume once "
-                        f"this is fixed")
-
-    def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Replaces the manifest with ``rows`` through a temporary file and a rename."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as file:
-                file.writelines(_dumps(row) for row in rows)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            raise _manifest_error(path, error) from None
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        assert self._file is not None
+        assert self._fd is not None
+        data = "".join(_dumps(row) for row in rows).encode("utf-8")
         try:
-            self._file.writelines(_dumps(row) for row in rows)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
         except OSError as error:
-            raise self._error(error) from None
+            raise _manifest_error(self.path, error) from None
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             try:
-                self._file.close()
+                os.close(self._fd)
             except OSError:
                 pass  # the append that failed has already raised a readable error
-            self._file = None
+            self._fd = None
+
+
+def _manifest_error(path: Path, error: OSError) -> JobError:
+    return JobError(f"{path}: cannot write the manifest: {error.strerror or error}; "
+                    f"outputs finished so far are complete, rerun with --resume once "
+                    f"this is fixed")
+
+
+def compact_manifest(path: Path, outdir: Path) -> list[Mapping[str, Any]]:
+    """Rewrites the manifest as :func:`compact_rows` of itself when that drops anything (or
+    the file holds a torn line); returns the rows. Only under the output folder's lock."""
+    rows, clean = _read_manifest(path)
+    kept = compact_rows(rows, outdir)
+    if clean and len(kept) == len(rows):
+        return kept
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.writelines(_dumps(row) for row in kept)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return kept
 
 
 def _dumps(row: Mapping[str, Any]) -> str:
@@ -394,10 +435,11 @@ class JobSummary:
     seconds: float = 0.0
     manifest: Path = Path(MANIFEST_NAME)
     stopped: str = ""  #: why the job stopped before the end, if it did
+    problems: int = 0  #: ``error:`` lines not tied to an item (a sheet, the gallery)
 
     @property
     def exit_status(self) -> int:
-        return 1 if (self.failed or self.not_run or self.stopped) else 0
+        return 1 if (self.failed or self.not_run or self.stopped or self.problems) else 0
 
     def describe(self, output: Path) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
@@ -501,7 +543,7 @@ def clean_temporaries(outputs: Iterable[Path]) -> int:
 def run_job(config: JobConfig, *, address: str | None = None, resume: bool = False,
             progress: bool = True, say: Callable[[str], None] | None = None,
             on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
-            worker_wait_s: float = WORKER_WAIT_S) -> JobSummary:
+            worker_wait_s: float = WORKER_WAIT_S, force: bool = False) -> JobSummary:
     """Runs a job config to the end and returns what it did.
 
     Per-item problems (a bad image, a failed write) are rows with a reason, never exceptions.
@@ -509,20 +551,35 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     a whole cannot go on (no cluster, no worker, an unwritable manifest); in every case the
     outputs already written are complete and the manifest lists them, so ``resume`` finishes
     the job. ``on_rows`` sees each batch of manifest rows once it is on disk.
+
+    The output folder is locked for the whole job: a second job on it raises OutputBusy naming
+    this one. ``force`` allows the filesystem root or the home folder as the output.
     """
+    from jaxdream.outdir import claim, refuse_dangerous
     from jaxdream.render import plan_items
 
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     start = time.perf_counter()
     outdir = config.output
+    refuse_dangerous(outdir, force=force)
     if outdir.exists() and not outdir.is_dir():
         raise JobError(f"output folder {str(outdir)!r} exists and is not a folder")
     items, unreadable = plan_items(config)
+    lock = claim(outdir, "jaxdream run", force=force)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise JobError(f"{outdir}: cannot create the output folder: "
-                       f"{error.strerror or error}") from None
+        return _run_locked(config, items, unreadable, address=address, resume=resume,
+                           progress=progress, say=say, on_rows=on_rows,
+                           worker_wait_s=worker_wait_s, start=start)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outcome], *,
+                address: str | None, resume: bool, progress: bool, say: Callable[[str], None],
+                on_rows: Callable[[list[dict[str, Any]]], None] | None,
+                worker_wait_s: float, start: float) -> JobSummary:
+    """:func:`run_job` once the output folder is locked."""
+    outdir = config.output
     summary = JobSummary(planned=len(items) + len(unreadable), manifest=outdir / MANIFEST_NAME)
 
     finished: dict[tuple[str, str], Mapping[str, Any]] = {}
@@ -537,7 +594,7 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     if resume:
         say(f"resuming: {summary.already_done} of {len(items)} item(s) already done")
 
-    writer = ManifestWriter(summary.manifest, list(finished.values()))
+    writer = ManifestWriter(summary.manifest, outdir)
     try:
         failures = [_row(None, outcome, unreadable_id(outcome.input), outdir)
                     for outcome in unreadable]
@@ -560,26 +617,40 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
             clean_temporaries(item.output for item in todo)
     finally:
         writer.close()
-    _sheets_and_gallery(config, items, summary.manifest, say)
+    try:  # each item's last row is what counts; keep one, so the manifest reads simply
+        compact_manifest(summary.manifest, outdir)
+    except (OSError, JaxdreamError) as error:
+        say(f"error: {summary.manifest}: cannot tidy the manifest: {one_line(str(error))}")
+        summary.problems += 1
+    summary.problems += _sheets_and_gallery(config, items, summary.manifest, say)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: Path,
-                        say: Callable[[str], None]) -> None:
-    """Contact sheets (for a grid) and index.html from what the manifest records; a problem
-    here is reported and never fails the job, whose outputs are already safe."""
+                        say: Callable[[str], None]) -> int:
+    """Contact sheets (for a grid) and index.html from what the manifest records (failed
+    inputs included); returns how many ``error:`` lines a problem here cost. The outputs are
+    safe either way, but the exit status must show it."""
     from jaxdream.render import Outcome, sheets_and_gallery
 
     try:
         rows = read_manifest(manifest)
     except (JaxdreamError, OSError) as error:
         say(f"error: gallery not written: {one_line(str(error))}")
-        return
+        return 1
     outcomes = [Outcome(row["input"], config.output / row["output"] if row.get("output")
                         else None, row["status"], row.get("error") or "", row["id"])
                 for row in rows if isinstance(row.get("id"), str)]
-    sheets_and_gallery(config, items, outcomes, report=say)
+    errors = 0
+
+    def counting(line: str) -> None:
+        nonlocal errors
+        errors += line.startswith("error:")
+        say(line)
+
+    sheets_and_gallery(config, items, outcomes, report=counting)
+    return errors
 
 
 def _row(item: WorkItem | None, outcome: Outcome, id_: str, outdir: Path, *, worker: str = "",

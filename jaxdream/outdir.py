@@ -66,6 +66,12 @@ class OutputLock:
         #: The holder recorded in a stale lock this one took over (a killed job), else None.
         self.previous = previous
 
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def release(self) -> None:
         """Removes the lock file, then unlocks; waiters that opened the old file notice it is
         gone and start again, so two holders can never coexist."""

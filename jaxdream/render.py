@@ -72,6 +72,8 @@ class Report:
     outcomes: list[Outcome]
     compile_stats: CompileStats
     render_seconds: float
+    #: ``error:`` lines not tied to one input (a contact sheet or the gallery not written)
+    problems: int = 0
 
 
 def _safe_stem(path: str) -> str:
@@ -178,7 +180,8 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
     """:func:`plan` for a loaded job config (inputs expanded, every grid variant)."""
     from jaxdream.config import expand_inputs
 
-    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs")
+    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs",
+                           outdir=config.output)
     return plan(inputs, config.output, [(v.recipe, v.point) for v in config.variants],
                 weights=config.weights, max_pixels=config.max_pixels)
 
@@ -328,9 +331,11 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
                        report: Callable[[str], None] | None = None) -> Path | None:
     """Writes a contact sheet per input (when the job has a grid) and ``OUTDIR/index.html``.
 
-    Returns the gallery's path, or None when the job is too big for one page. A sheet that
-    cannot be written is reported and does not stop the others: the dreams themselves are
-    already safe on disk.
+    Returns the gallery's path, or None when the job is too big for one page (or it could not
+    be written). A sheet that cannot be written is reported (an ``error:`` line) and does not
+    stop the others: the dreams themselves are already safe on disk. Outcomes of inputs that
+    failed before they became items (missing, unreadable, a device) are listed as failures,
+    so the gallery, the summary and the manifest agree.
     """
     from jaxdream.gallery import GalleryEntry, Tile, contact_sheet, write_gallery
 
@@ -368,10 +373,15 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
         entries.append(GalleryEntry(item.output, Path(item.input).name, params,
                                     outcome.status if outcome else "missing",
                                     outcome.reason if outcome else ""))
+    planned = {item.id for item in items}
+    for outcome in outcomes:  # inputs that failed before they became items
+        if outcome.status == "failed" and outcome.id not in planned:
+            entries.append(GalleryEntry(config.output / Path(outcome.input).name,
+                                        outcome.input, {}, "failed", outcome.reason))
     try:
         return write_gallery(config.output, entries, title=f"jaxdream: {config.source}")
     except (JaxdreamError, OSError) as error:
-        say(f"error: gallery {config.output / 'index.html'}: {error}")
+        say(f"error: gallery not written: {error}")
         return None
 
 
@@ -392,5 +402,19 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
                           batch_size=batch_size or config.job.batch_size, overwrite=overwrite,
                           progress=progress, report=report)
     result.outcomes = [*failures, *result.outcomes]
-    gallery = sheets_and_gallery(config, items, result.outcomes, report=report)
+    counted = _ErrorCounter(say)
+    gallery = sheets_and_gallery(config, items, result.outcomes, report=counted)
+    result.problems += counted.errors
     return result, gallery
+
+
+class _ErrorCounter:
+    """Passes report lines on, counting the ``error:`` ones (each must fail the exit status)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.errors = 0
+
+    def __call__(self, line: str) -> None:
+        self.errors += line.startswith("error:")
+        self.say(line)
