@@ -344,14 +344,16 @@ class ManifestWriter:
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        assert self._fd is not None
-        data = "".join(_dumps(row) for row in rows).encode("utf-8")
         try:
-            while data:
-                data = data[os.write(self._fd, data):]
-            os.fsync(self._fd)
+            self._write("".join(_dumps(row) for row in rows).encode("utf-8"))
         except OSError as error:
             raise _manifest_error(self.path, error) from None
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        while data:
+            data = data[os.write(self._fd, data):]
+        os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from jaxdream import __version__
 from jaxdream.engine import CompileStats, Engine, default_batch_size
 from jaxdream.errors import JaxdreamError
-from jaxdream.images import DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
+from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
 
@@ -127,11 +127,13 @@ def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
 
 
 def _file_sha256(path: str, what: str = "an image") -> str:
-    """SHA-256 of a regular file; a pipe, device, folder or empty file is an ImageError (a
-    named pipe called photo.jpg must not hang the job)."""
-    from jaxdream.images import _open_regular_file
+    """SHA-256 of a regular file; a pipe, device, folder, empty file or one larger than
+    :data:`~jaxdream.images.DEFAULT_MAX_FILE_BYTES` is an ImageError (a named pipe called
+    photo.jpg must not hang the job, a 50 GB file must not be read to be refused)."""
+    from jaxdream.images import _check_file_size, _open_regular_file
 
     with _open_regular_file(path, path, what) as handle:
+        _check_file_size(handle, path, DEFAULT_MAX_FILE_BYTES)
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 

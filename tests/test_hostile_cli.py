@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -164,17 +165,35 @@ def test_a_second_dream_into_a_busy_folder_is_refused_naming_the_first(
         while not (out / ".jaxdream.lock").exists():
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the first dream never locked its folder"
-            time.sleep(0.05)
-        second = subprocess.run(
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # it holds the lock, however fast it would finish
+        try:
+            second = subprocess.run(
             [sys.executable, "-m", "jaxdream.cli", "dream", str(EXAMPLES / "coffee.jpg"),
              "-o", str(out), *FAST], env=env, capture_output=True, text=True, timeout=120)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode == 2, second.stderr
         assert f"in use by jaxdream dream (pid {first.pid} on " in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
-        assert first.poll() is None, "the refusal came while the first still ran"
     finally:
         stdout, stderr = first.communicate(timeout=240)
     assert first.returncode == 0, stderr
     assert not (out / "coffee_dream.png").exists()
     assert not (out / ".jaxdream.lock").exists()
     assert main(["dream", str(EXAMPLES / "coffee.jpg"), "-o", str(out), *FAST]) == 0
+
+
+def test_an_input_over_the_file_size_limit_is_refused_without_reading_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:  # 300 MB on paper, nothing on disk
+        f.write((EXAMPLES / "chelsea.jpg").read_bytes())
+        f.truncate(300 * 2**20)
+    started = time.perf_counter()
+    assert main(["dream", str(big), str(EXAMPLES / "chelsea.jpg"), "-o", str(tmp_path / "o"),
+                 *FAST]) == 1
+    errors = errors_of(capsys.readouterr().err)
+    assert errors == [f"error: {big}: file too large: 314572800 bytes exceeds the limit of "
+                      f"268435456 (max_file_bytes; refused before reading)"], errors
+    assert time.perf_counter() - started < 60

@@ -4,6 +4,7 @@ writers (issue 17, items 1 and 6). Real driver processes on a private local Ray 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ def _wait_for_lock(outdir: Path, driver: subprocess.Popen[bytes], seconds: float
     while not (outdir / ".jaxdream.lock").exists():
         assert driver.poll() is None, "the first job ended before it locked its folder"
         assert time.monotonic() < deadline, "the first job never locked its folder"
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 @pytest.mark.timeout(600)
@@ -58,12 +59,17 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_keeps_its_manife
                       stderr=subprocess.PIPE)
     try:
         _wait_for_lock(outdir, first)
-        second = run_cli([str(config), "--address", cluster.address, "-q"], env, timeout=120)
+        first.send_signal(signal.SIGSTOP)  # it holds the lock, however fast it would finish
+        try:
+            second = run_cli([str(config), "--address", cluster.address, "-q"], env,
+                             timeout=120)
+            resumed = run_cli([str(config), "--address", cluster.address, "--resume", "-q"],
+                              env, timeout=120)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode == 2, second.stderr
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and f"in use by jaxdream run (pid {first.pid} on " in lines[0]
-        resumed = run_cli([str(config), "--address", cluster.address, "--resume", "-q"], env,
-                          timeout=120)
         assert resumed.returncode == 2 and "in use by jaxdream run" in resumed.stderr
     finally:
         _, err = first.communicate(timeout=500)

@@ -335,23 +335,15 @@ def test_an_unwritable_manifest_stops_the_job_with_a_clear_error_and_resume_fini
     real_append = jobs.ManifestWriter.append
     calls = []
 
-    class FullDisk:
-        """The manifest's file once the disk is full: every write fails with ENOSPC."""
-
-        def __init__(self, file: Any) -> None:
-            self.file = file
-
-        def writelines(self, lines: Any) -> None:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def close(self) -> None:
-            self.file.close()
+    def full_disk(data: bytes) -> None:
+        """The manifest's writes once the disk is full: every one fails with ENOSPC."""
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def disk_fills_up(self: jobs.ManifestWriter, rows: Any) -> None:
         if rows:
             calls.append(len(rows))
             if len(calls) == 2:
-                self._file = FullDisk(self._file)
+                self._write = full_disk  # type: ignore[method-assign]
         real_append(self, rows)
 
     monkeypatch.setattr(jobs.ManifestWriter, "append", disk_fills_up)
