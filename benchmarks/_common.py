@@ -139,7 +139,7 @@ def torch_dream(forward, images, *, octaves: int, octave_scale: float, steps: in
     import torch
     import torch.nn.functional as F
 
-    from jaxdream.dream import octave_shapes
+    from jaxdream.ascent import octave_shapes
 
     generator = torch.Generator().manual_seed(seed)
     autocast = (torch.autocast(device_type=images.device.type, dtype=autocast_dtype)

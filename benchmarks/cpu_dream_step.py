@@ -38,7 +38,7 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
 
-    from jaxdream.dream import StaticSettings
+    from jaxdream.ascent import StaticSettings
     from jaxdream.engine import Engine, ItemParams
     from jaxdream.models import load_model
     from jaxdream.models.checkpoint import load_state_dict

@@ -72,7 +72,7 @@ def jaxdream_cli() -> list[str]:
 def part_batch(args: argparse.Namespace) -> None:
     from PIL import Image
 
-    from jaxdream.dream import StaticSettings
+    from jaxdream.ascent import StaticSettings
     from jaxdream.engine import Engine, ItemParams
     from jaxdream.models import load_model
 
@@ -218,7 +218,7 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> None:
 
 def bucket_child(folder: str, octaves: int, steps: int, max_side: int) -> dict[str, Any]:
     """Runs in a fresh process: dreams every photo of ``folder``, returns the engine's count."""
-    from jaxdream.dream import StaticSettings
+    from jaxdream.ascent import StaticSettings
     from jaxdream.engine import (DEFAULT_BUCKET, Engine, ItemParams, default_batch_size,
                                  default_cache_dir, enable_compilation_cache)
     from jaxdream.images import load_rgb

@@ -253,7 +253,7 @@ def main() -> None:  # noqa: C901 (one linear script)
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxdream.dream import StaticSettings, octave_shapes
+    from jaxdream.ascent import StaticSettings, octave_shapes
     from jaxdream.engine import Engine, ItemParams, _jitted
     from jaxdream.models import load_model
     from jaxdream.models.checkpoint import load_state_dict

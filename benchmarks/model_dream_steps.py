@@ -78,7 +78,7 @@ def main() -> None:
     import torch
     import torchvision
 
-    from jaxdream.dream import StaticSettings
+    from jaxdream.ascent import StaticSettings
     from jaxdream.engine import Engine, ItemParams
     from jaxdream.models import MODELS, load_model
     from jaxdream.models.checkpoint import load_state_dict

@@ -84,7 +84,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from jaxdream.dream import StaticSettings
+    from jaxdream.ascent import StaticSettings
     from jaxdream.engine import Engine, ItemParams
     from jaxdream.images import load_rgb, save_png, to_uint8
     from jaxdream.models import load_model

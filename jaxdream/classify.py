@@ -30,12 +30,13 @@ def eval_crop(image: np.ndarray, resize_size: int, crop_size: int) -> np.ndarray
     return np.asarray(crop, dtype=np.float32)
 
 
-def _probabilities(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
-    logits = nnx.merge(graphdef, state)(images, ["logits"])["logits"]
+def _probabilities(graphdef: nnx.GraphDef, endpoint: str, state: nnx.State, images: jax.Array
+                   ) -> jax.Array:
+    logits = nnx.merge(graphdef, state)(images, [endpoint])[endpoint]
     return jax.nn.softmax(logits, axis=-1)
 
 
-_probabilities_jit = jax.jit(_probabilities, static_argnums=0)
+_probabilities_jit = jax.jit(_probabilities, static_argnums=(0, 1))
 
 
 def classify(model: LoadedModel, images: Sequence[np.ndarray], top: int = 5
@@ -45,8 +46,9 @@ def classify(model: LoadedModel, images: Sequence[np.ndarray], top: int = 5
     batch = jnp.asarray(np.stack([eval_crop(image, spec.resize_size, spec.crop_size)
                                   for image in images]))
     graphdef, state = nnx.split(model.module)
-    probs = np.asarray(_probabilities_jit(graphdef, state, batch))
-    labels = imagenet_labels()
+    probs = np.asarray(_probabilities_jit(graphdef, spec.logits, state, batch))
+    labels = (imagenet_labels() if spec.labels == "imagenet"
+              else [f"class {i}" for i in range(probs.shape[-1])])
     results = []
     for row in probs:
         best = np.argsort(-row)[:top]

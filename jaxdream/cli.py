@@ -1,4 +1,5 @@
-"""The ``jaxdream`` command: parses options, builds a recipe, calls the library."""
+"""The ``jaxdream`` command: parses options (the dream options are generated from the recipe
+fields), resolves them into a job config, and calls the library."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import argparse
 import dataclasses
 import sys
 import time
+import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jaxdream import __version__
@@ -15,34 +16,52 @@ from jaxdream.errors import JaxdreamError, brief
 from jaxdream.outdir import claim
 
 if TYPE_CHECKING:  # the library is imported lazily, so that --help and --version are instant
-    from jaxdream.recipe import Recipe
+    from jaxdream.config import JobConfig
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _expand_inputs(paths: Sequence[str], outdir: Path | None = None) -> list[str]:
-    """Files as given; folders become their image files (sorted, not recursive), less this
-    job's own outputs when the folder is ``outdir`` (or inside it). A missing file stays in
-    the list: it is reported with the other per-input failures."""
-    from jaxdream.config import image_files
-    from jaxdream.outdir import leave_out_outputs
+def _option_help(field: dataclasses.Field[Any]) -> str:
+    """An option's help: the field's text, its choices described, and its default."""
+    meta = field.metadata
+    text = meta["help"]
+    if meta["choices"]:
+        text += ". " + "; ".join(f"{name}: {what}" for name, what in meta["choices"].items())
+    if field.name == "preset":
+        from jaxdream.recipe import PRESETS  # light: no JAX
 
-    expanded: list[str] = []
-    for path in paths:
-        if Path(path).is_dir():
-            found = image_files(path)
-            expanded.extend(leave_out_outputs(found, outdir) if outdir is not None else found)
-        else:
-            expanded.append(path)
-    return expanded
+        text += f"; one of {', '.join(PRESETS)}"
+    return f"{text} (default: {meta['shown'] or field.default})"
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None,
+                        exclude: Sequence[str] = ()) -> None:
+    """One option per :class:`~jaxdream.recipe.Recipe` field (or per field in ``only``),
+    generated from the field's type and metadata: a new setting is one field. Every default
+    is None, so that an option left out leaves the value to the recipe PNG, config or preset;
+    lists (``--channels 3,17``) and layer weights are text, checked with the config's rules."""
+    from jaxdream.recipe import Recipe
+
+    hints = typing.get_type_hints(Recipe)
+    for field in dataclasses.fields(Recipe):
+        if (only is not None and field.name not in only) or field.name in exclude:
+            continue
+        kind = hints[field.name]
+        if type(None) in typing.get_args(kind):  # optional: the option takes the other type
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}", default=None,
+            type=kind if kind in (int, float) else str, metavar=field.metadata["metavar"],
+            choices=list(field.metadata["choices"]) if field.metadata["choices"] else None,
+            help=_option_help(field))
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="model name (default: efficientnet_lite0, embedded weights)")
+    _add_recipe_options(parser, only=["model"])
     parser.add_argument("--weights", metavar="FILE", default=None,
-                        help="PyTorch checkpoint to load instead of the embedded weights "
-                             "(read without PyTorch; nothing in it is executed)")
+                        help="weights to load instead of the embedded or fetched ones: a "
+                             "PyTorch checkpoint, or a Caffe .caffemodel for the Caffe models "
+                             "(read without PyTorch or Caffe; nothing in it is executed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dream", help="dream image files into an output folder",
         description="Dreams each INPUT (files or folders of images) into OUTDIR as "
                     "<name>_dream.png. Each PNG stores its full recipe; pass it to --recipe "
-                    "to render the same dream again. Options left out come from --recipe, "
-                    "then from --preset.")
+                    "to render the same dream again. Each setting comes from, last wins: the "
+                    "defaults, the preset, --recipe, --config, the options.")
     dream.add_argument("inputs", nargs="*", metavar="INPUT")
     dream.add_argument("-o", "--output", default=None, metavar="OUTDIR",
                        help="output folder (required without --config; overrides the "
@@ -64,44 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     dream.add_argument("--config", metavar="FILE", default=None,
                        help="run a YAML job config (inputs, grid, ...; see configs/) in this "
                             "process: outputs, a contact sheet per input for a grid, and "
-                            "OUTDIR/index.html")
-    _add_model_options(dream)
-    dream.add_argument("--preset", default=None, help="named look (default: classic)")
+                            "OUTDIR/index.html; the options below override its settings")
     dream.add_argument("--recipe", metavar="PNG", default=None,
-                       help="take every setting from a PNG that jaxdream wrote")
-    dream.add_argument("--layers", default=None,
-                       help="endpoints to amplify, optionally weighted: block10 or "
-                            "block8:1,block10:2 (default: the model's own)")
-    dream.add_argument("--octaves", type=int, default=None, help="number of scales (4)")
-    dream.add_argument("--octave-scale", type=float, default=None,
-                       help="size ratio between octaves (1.4)")
-    dream.add_argument("--steps", type=int, default=None, help="gradient steps per octave (10)")
-    dream.add_argument("--step-size", type=float, default=None,
-                       help="mean absolute pixel change per step, on the 0..255 scale (1.5)")
-    dream.add_argument("--jitter", type=int, default=None,
-                       help="largest random shift in pixels before each step (32)")
-    dream.add_argument("--seed", type=int, default=None, help="random seed for jitter (0)")
-    dream.add_argument("--max-side", type=int, default=None,
-                       help="downscale so the longer side is at most this; 0 keeps the "
-                            "input's size (1024)")
-    dream.add_argument("--objective", default=None,
-                       choices=("l2", "channel", "neuron", "guide"),
-                       help="what to amplify at the layers: l2 (their energy, classic), "
-                            "channel / neuron (the --channels, over the map / at its centre), "
-                            "guide (the features of --guide)")
-    dream.add_argument("--channels", default=None, metavar="C[,C...]",
-                       help="channel indices for --objective channel or neuron, e.g. 3,17")
-    dream.add_argument("--guide", default=None, metavar="IMAGE",
-                       help="guide photo for --objective guide")
-    dream.add_argument("--normaliser", default=None, choices=("mean", "laplacian", "gaussian"),
-                       help="gradient shaping: mean (classic), laplacian (TF 2016 lapnorm), "
-                            "gaussian (smoothed)")
-    dream.add_argument("--update", default=None, choices=("ascent", "adam"),
-                       help="update rule: ascent (classic) or adam")
-    dream.add_argument("--tile-size", type=int, default=None,
-                       help="tile side for big images (512)")
-    dream.add_argument("--tile-above", type=int, default=None,
-                       help="tile octaves whose longer side exceeds this; 0 never (1280)")
+                       help="start from every setting of a PNG that jaxdream wrote")
+    _add_model_options(dream)
+    _add_recipe_options(dream, exclude=["model"])
     dream.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse images whose header declares more than N pixels, before "
                             "decoding them (default 67108864 = 8192 x 8192)")
@@ -134,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_command(commands)
 
+    from jaxdream.cli_motion import add_motion_commands
+
+    add_motion_commands(commands)
+
     weights = commands.add_parser("weights", help="list or fetch model weights")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True,
                                               metavar="ACTION")
@@ -149,56 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_from_args(args: argparse.Namespace) -> tuple[Recipe, str | None]:
-    """The recipe the options ask for, and the weights SHA-256 a --recipe PNG was made with
-    (None when there is no recipe, or when --model changes the model it names)."""
-    from jaxdream.images import read_recipe
-    from jaxdream.models import DEFAULT_MODEL, get_spec
-    from jaxdream.recipe import PRESETS, recipe_from_json
-
-    recipe_sha: str | None = None
-    if args.recipe is not None:
-        base, recipe_sha = recipe_from_json(read_recipe(args.recipe), f"recipe {args.recipe}")
-        if args.preset is not None:
-            raise JaxdreamError("--preset and --recipe both set the whole recipe; give one")
-    else:
-        name = args.preset or "classic"
-        if name not in PRESETS:
-            raise JaxdreamError(f"--preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        base = PRESETS[name]
-    overrides = {
-        "model": args.model, "octaves": args.octaves, "octave_scale": args.octave_scale,
-        "steps": args.steps, "step_size": args.step_size, "jitter": args.jitter,
-        "seed": args.seed, "objective": args.objective, "guide": args.guide,
-        "normaliser": args.normaliser, "update": args.update, "tile_size": args.tile_size,
-        "tile_above": args.tile_above,
-    }
-    if args.channels is not None:
-        try:
-            overrides["channels"] = tuple(int(c) for c in args.channels.split(",") if c.strip())
-        except ValueError:
-            raise JaxdreamError(f"--channels: expected integers like 3,17, got "
-                                f"{brief(args.channels)}") from None
-    recipe = dataclasses.replace(
-        base, **{key: value for key, value in overrides.items() if value is not None})
-    if recipe.model != base.model:
-        recipe_sha = None  # other model, other weights: nothing to compare with
-    if args.max_side is not None:
-        recipe = dataclasses.replace(recipe, max_side=args.max_side or None)
-    if args.model is None and args.recipe is None:
-        recipe = dataclasses.replace(recipe, model=DEFAULT_MODEL)
-    spec = get_spec(recipe.model)
-    if args.layers is not None:
-        recipe = recipe.with_layers(args.layers, list(spec.endpoints))
-    elif recipe.layers is None or (args.model is not None and args.recipe is not None
-                                   and args.model != base.model):
-        recipe = recipe.with_layers(spec.default_layers, list(spec.endpoints))
-    else:
-        recipe = recipe.with_layers(recipe.layers_text, list(spec.endpoints),
-                                    f"recipe {args.recipe}" if args.recipe else None)
-    return recipe.validate("options"), recipe_sha
-
-
 def _use_compilation_cache() -> None:
     from jaxdream.engine import default_cache_dir, enable_compilation_cache
 
@@ -206,12 +146,6 @@ def _use_compilation_cache() -> None:
         enable_compilation_cache(default_cache_dir())
     except OSError as error:  # a read-only home must not stop a dream, only slow it
         print(f"warning: compilation cache disabled: {error}", file=sys.stderr)
-
-
-#: ``dream`` options that a config file sets instead (they conflict with --config).
-_RECIPE_OPTIONS = ("model", "weights", "preset", "recipe", "layers", "octaves", "octave_scale",
-                   "steps", "step_size", "jitter", "seed", "max_side", "objective", "channels",
-                   "guide", "normaliser", "update", "tile_size", "tile_above")
 
 
 def _summary(verb: str, outcomes: Sequence[Any], outdir: Any, seconds: float,
@@ -223,26 +157,55 @@ def _summary(verb: str, outcomes: Sequence[Any], outdir: Any, seconds: float,
             f"{seconds:.1f} s; built {stats.describe()}")
 
 
-def _run_dream_config(args: argparse.Namespace) -> int:
-    from jaxdream.config import load_config
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The job ``dream`` runs: its config file, or a config made of its INPUTs and -o, with
+    the options on top; one resolution path (defaults, preset, --recipe, config, options)."""
+    from jaxdream.config import load_config, options_config
+    from jaxdream.recipe import Recipe
+
+    settings: dict[str, Any] = {field.name: getattr(args, field.name)
+                                for field in dataclasses.fields(Recipe)}
+    hints = typing.get_type_hints(Recipe)
+    for name, value in settings.items():
+        if isinstance(value, str) and typing.get_origin(hints[name]) is tuple and name != "layers":
+            try:  # a list option: 3,17
+                settings[name] = [int(item) for item in value.split(",") if item.strip()]
+            except ValueError:
+                raise JaxdreamError(f"--{name}: expected integers like 3,17, got "
+                                    f"{brief(value)}") from None
+    settings.update(weights=args.weights, max_pixels=args.max_pixels)
+    if args.config is not None:
+        if args.inputs:
+            raise JaxdreamError(f"--config names the inputs; remove {', '.join(args.inputs[:3])} "
+                                f"or put it in the config")
+        return load_config(args.config, {"output": args.output, **settings},
+                           recipe=args.recipe)
+    if not args.inputs or args.output is None:
+        raise JaxdreamError("dream needs INPUT... and -o OUTDIR (or --config FILE)")
+    return options_config(args.inputs, args.output, settings, recipe=args.recipe)
+
+
+def _run_dream(args: argparse.Namespace) -> int:
     from jaxdream.render import dream_config
 
-    given = [f"--{name.replace('_', '-')}" for name in _RECIPE_OPTIONS
-             if getattr(args, name) is not None]
-    if args.inputs or given:
-        raise JaxdreamError(f"--config sets the inputs and the recipe; remove "
-                            f"{', '.join(args.inputs[:3] + given)} or put it in the config")
     if args.batch_size is not None and args.batch_size < 1:
         raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
-    config = load_config(args.config, {"output": args.output, "max_pixels": args.max_pixels})
+    config = job_config(args)
+    # Claimed before the model loads: a busy, unwritable or dangerous folder is refused at
+    # once, and no second job writes here (outputs, sheets, gallery) until this one is done.
     with claim(config.output, "jaxdream dream", force=args.force):
         _use_compilation_cache()
         start = time.perf_counter()
         report, gallery = dream_config(config, batch_size=args.batch_size,
-                                       overwrite=args.overwrite, progress=not args.quiet)
-    variants = len(config.variants)
+                                       overwrite=args.overwrite, progress=not args.quiet,
+                                       gallery=args.config is not None)
+    if len(config.variants) == 1:
+        recipe = config.variants[0].recipe
+        what = f"layers {recipe.layers_text}, {recipe.octaves} octaves x {recipe.steps} steps"
+    else:
+        what = f"{len(config.variants)} setting(s) per input"
     print(_summary("dreamed", report.outcomes, config.output, time.perf_counter() - start,
-                   report.compile_stats) + f"; {variants} setting(s) per input", file=sys.stderr)
+                   report.compile_stats) + f"; {what}", file=sys.stderr)
     if gallery is not None:
         print(f"gallery: {gallery}", file=sys.stderr)
     for outcome in report.outcomes:
@@ -252,59 +215,9 @@ def _run_dream_config(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _run_dream(args: argparse.Namespace) -> int:
-    if args.config is not None:
-        return _run_dream_config(args)
-    if not args.inputs or args.output is None:
-        raise JaxdreamError("dream needs INPUT... and -o OUTDIR (or --config FILE)")
-    recipe, recipe_sha = _recipe_from_args(args)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_pixels is not None and args.max_pixels < 256:
-        raise JaxdreamError(f"--max-pixels must be at least 256, got {args.max_pixels}")
-    # Claimed before the model loads: a busy, unwritable or dangerous folder is refused at once.
-    with claim(Path(args.output), "jaxdream dream", force=args.force):
-        return _dream_into_claimed(args, recipe, recipe_sha)
-
-
-def _dream_into_claimed(args: argparse.Namespace, recipe: Recipe, recipe_sha: str | None
-                        ) -> int:
-    """``jaxdream dream INPUT... -o OUTDIR`` once OUTDIR is created and locked."""
-    from jaxdream.engine import default_batch_size
-    from jaxdream.images import DEFAULT_MAX_PIXELS
-    from jaxdream.models import load_model
-    from jaxdream.render import dream_files
-
-    _use_compilation_cache()
-    if args.batch_size is None:
-        args.batch_size = default_batch_size()
-    model = load_model(recipe.model, args.weights)
-    if recipe_sha is not None and recipe_sha != model.weights_sha256:
-        raise JaxdreamError(
-            f"recipe {args.recipe} was rendered with weights sha256 {recipe_sha[:16]}..., "
-            f"but the loaded weights are {model.weights_sha256[:16]}...; pass --weights with "
-            f"the matching file")
-    inputs = _expand_inputs(args.inputs, Path(args.output))
-    if not inputs:
-        raise JaxdreamError("no input images found")
-    start = time.perf_counter()
-    report = dream_files(inputs, args.output, recipe, weights=args.weights,
-                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-                         batch_size=args.batch_size, overwrite=args.overwrite,
-                         progress=not args.quiet)
-    outcomes = report.outcomes
-    failed = sum(o.status == "failed" for o in outcomes)
-    print(_summary("dreamed", outcomes, args.output, time.perf_counter() - start,
-                   report.compile_stats) + f"; layers {recipe.layers_text}, {recipe.octaves} "
-          f"octaves x {recipe.steps} steps", file=sys.stderr)
-    for outcome in outcomes:
-        if outcome.status == "done":
-            print(outcome.output)
-    return EXIT_SOME_FAILED if failed else EXIT_OK
-
-
 def _run_classify(args: argparse.Namespace) -> int:
     from jaxdream.classify import classify
+    from jaxdream.inputs import expand_inputs
     from jaxdream.images import load_rgb
     from jaxdream.models import DEFAULT_MODEL, load_model
 
@@ -312,8 +225,12 @@ def _run_classify(args: argparse.Namespace) -> int:
         raise JaxdreamError(f"--top must be at least 1, got {args.top}")
     _use_compilation_cache()
     model = load_model(args.model or DEFAULT_MODEL, args.weights)
-    failed = 0
-    for path in _expand_inputs(args.inputs):
+    failures: list[tuple[str, str]] = []  # folders and globs that yield no image
+    paths = expand_inputs(args.inputs, failures=failures)
+    for _, reason in failures:
+        print(f"error: {reason}", file=sys.stderr)
+    failed = len(failures)
+    for path in paths:
         try:
             image = load_rgb(path)
         except JaxdreamError as error:
@@ -326,9 +243,17 @@ def _run_classify(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _endpoint_summary(endpoints: dict[str, tuple[int, int]]) -> str:
-    return ", ".join(f"{name} ({channels}" + (f", /{stride})" if stride else ")")
-                     for name, (channels, stride) in endpoints.items())
+#: Catalogue lines list at most this many endpoints (Caffe's GoogLeNet has 83).
+_SUMMARY_ENDPOINTS = 40
+
+
+def _endpoint_summary(endpoints: dict[str, tuple[int, int]], name: str) -> str:
+    items = [f"{endpoint} ({channels}" + (f", /{stride})" if stride else ")")
+             for endpoint, (channels, stride) in endpoints.items()]
+    if len(items) > _SUMMARY_ENDPOINTS:
+        items = items[:8] + ["...", *items[-4:],
+                             f"({len(items)} in all: jaxdream models {name})"]
+    return ", ".join(items)
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -348,10 +273,16 @@ def _run_models(args: argparse.Namespace) -> int:
         print(f"  default layer: {spec.default_layers}")
         if args.name:
             print("  endpoints (channels, stride):")
+            width = max(14, *(len(endpoint) for endpoint in spec.endpoints))
             for endpoint, (channels, stride) in spec.endpoints.items():
-                print(f"    {endpoint:14s} {channels:6d}  {('/' + str(stride)) if stride else '-'}")
+                print(f"    {endpoint:{width}s} {channels:6d}  "
+                      f"{('/' + str(stride)) if stride else '-'}")
         else:
-            print(f"  endpoints:     {_endpoint_summary(spec.endpoints)}")
+            print(f"  endpoints:     {_endpoint_summary(spec.endpoints, name)}")
+    from jaxdream.engine import describe_devices
+
+    print()
+    print(describe_devices())
     return EXIT_OK
 
 
@@ -388,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_models(args)
         if args.command == "weights":
             return _run_weights(args)
+        if args.command in ("animate", "video"):
+            from jaxdream.cli_motion import run_motion
+
+            return run_motion(args)
         if args.command == "run":
             from jaxdream.cli_run import run_command
 

@@ -61,15 +61,16 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     from jaxdream import jobs  # Ray is imported here, once the config is known to be good
+    from jaxdream.files import display
 
     try:
         summary = jobs.run_job(config, address=args.address, resume=args.resume,
                                progress=not args.quiet, force=args.force)
     except (ConfigError, OutputBusy) as error:  # nothing ran: wrong options, or a busy folder
-        print(f"error: {jobs.one_line(str(error))}", file=sys.stderr)
+        print(f"error: {display(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except JaxdreamError as error:
-        print(f"error: {jobs.one_line(str(error))}", file=sys.stderr)
+        print(f"error: {display(str(error))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     except KeyboardInterrupt:
         print(f"interrupted; finished outputs are complete and listed in "
@@ -78,7 +79,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     print(summary.describe(config.output), file=sys.stderr)
     if summary.stopped:
-        print(f"stopped: {jobs.one_line(summary.stopped)}", file=sys.stderr)
+        print(f"stopped: {display(summary.stopped)}", file=sys.stderr)
     elif summary.not_run:
         print(f"{summary.not_run} item(s) were not run; rerun with --resume to render them",
               file=sys.stderr)

@@ -19,28 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
 import itertools
 import math
 import os
 import reprlib
-import stat
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from jaxdream.errors import ConfigError
+from jaxdream.errors import ConfigError, first_few
 from jaxdream.images import DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
-from jaxdream.objectives import format_layers, parse_layers
-from jaxdream.recipe import PRESETS, Recipe
+from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
 
-#: Extensions picked up by folders and globs (files named or listed explicitly are all kept).
-IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm".split())
 MAX_FILE_BYTES = 1 << 20
 #: Values once aliases are expanded: 1 MiB holds ~500,000 without aliases; only a bomb gets here.
 MAX_VALUES = 1_000_000
@@ -73,7 +68,7 @@ class JobConfig:
     """A checked config: what to dream, into where, with which variants, and how to spread it."""
 
     source: str  #: the config file path as given, used in messages
-    inputs: tuple[str, ...]  #: entries as written; see :func:`expand_inputs`
+    inputs: tuple[str, ...]  #: entries as written; see :func:`jaxdream.inputs.expand_inputs`
     output: Path
     model: str
     weights: str | None
@@ -82,6 +77,13 @@ class JobConfig:
     job: JobSettings
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: SHA-256 of the weights a ``--recipe`` PNG was rendered with (None without one, or when
+    #: the model differs from the PNG's); rendering with other weights is refused.
+    recipe_weights_sha256: str | None = None
+    recipe: str | None = None  #: the recipe PNG the settings start from, if any
+    #: True for inputs named on the command line: an entry that yields no image is one failed
+    #: input among the others; in a config file it is an error before any work starts.
+    lenient_inputs: bool = False
 
 
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -96,6 +98,9 @@ DREAM_KEYS = tuple(name for name in _FIELDS if name not in ("model", "max_side")
 GRID_KEYS = tuple(name for name in _FIELDS if name not in ("model", "preset"))
 JOB_KEYS = tuple(f.name for f in dataclasses.fields(JobSettings))
 _OVERRIDE_KEYS = (*_VALUE_KEYS, *DREAM_KEYS, *JOB_KEYS)
+#: Keys of a recipe JSON (in a PNG) that say where it came from rather than what it dreams.
+_META_KEYS = frozenset({"jaxdream", "weights_sha256", "weights", "input", "id", "grid",
+                        "frame", "motion"})
 _MISPLACED = {
     "dream.model": "set the model at the top level, not under dream",
     "dream.max_side": "set max_side at the top level, not under dream",
@@ -206,15 +211,27 @@ def _read_yaml(source: str) -> dict[Any, Any]:
 
 
 class _Reader:
-    """Checks one parsed config; every error names ``source`` and a key path."""
+    """Checks one parsed config; every error names where the value came from.
 
-    def __init__(self, source: str) -> None:
+    This is the one place settings are resolved: the recipe's defaults, then the preset, then
+    a recipe PNG (keys ``recipe.*``), then the config's values, then command-line options.
+    ``label`` names a key path in messages (``job.yaml: dream.steps``, or ``--steps`` for an
+    option); ``recipe.*`` paths are named after the PNG.
+    """
+
+    def __init__(self, source: str, label: Callable[[str], str] | None = None,
+                 recipe_path: str | None = None) -> None:
         self.source = source
+        self.label = label or (lambda path: f"{source}: {path}")
+        self.recipe_path = recipe_path
+        self.recipe_source = f"recipe {recipe_path}"
         self.canonical: dict[str, str] = {}  # layers text as given -> canonical text
         self.pairs: dict[str, tuple[tuple[str, float], ...]] = {}  # canonical text -> layers
 
     def fail(self, path: str, reason: str) -> ConfigError:
-        return ConfigError(" ".join(f"{self.source}: {path}: {reason}".splitlines()))
+        where = (f"{self.recipe_source}: {path.removeprefix('recipe.')}"
+                 if path.startswith("recipe.") else self.label(path))
+        return ConfigError(" ".join(f"{where}: {reason}".splitlines()))
 
     def expected(self, path: str, kind: str, value: Any) -> NoReturn:
         raise self.fail(path, f"expected {kind}, got {_show(value)}")
@@ -269,6 +286,9 @@ class _Reader:
                 if not isinstance(name, str):
                     raise self.fail(path, f"layer names must be text, got {_show(name)}")
                 weights[name] = self.typed(weight, float, f"{path}.{name}")
+                if math.isinf(weights[name]):  # JSON's and YAML's 1e400 read as infinity
+                    raise self.fail(f"{path}.{name}", "weight is too large (it overflows to "
+                                                      "infinity); give a finite number")
                 if not math.isfinite(weights[name]):
                     raise self.fail(f"{path}.{name}", f"weight must be finite, got {weight}")
             value = format_layers(weights)
@@ -311,42 +331,52 @@ class _Reader:
             layers = self.layers(layers, where.get("layers", "dream.layers"), spec)
         recipe = dataclasses.replace(recipe, layers=self.pairs[layers])
         try:
-            recipe.validate(self.source)
+            recipe.validate("recipe")
         except ConfigError as error:
-            key, _, reason = str(error).removeprefix(f"{self.source}: ").partition(": ")
+            key, _, reason = str(error).removeprefix("recipe: ").partition(": ")
             if point and key not in point:  # the fault lies in a combination: name it
                 reason += f" (grid point {', '.join(f'{k}={_show(v)}' for k, v in point.items())})"
             raise self.fail(where.get(key, f"dream.{key}"), reason) from None
         return Variant(recipe, point)
 
-    def build(self, data: dict[Any, Any]) -> JobConfig:
-        self.section(data, "", TOP_KEYS)
-        for key in ("inputs", "output"):
-            if data.get(key) is None:
-                raise self.fail(key, "missing; every config names its inputs and output folder")
-        entries = [data["inputs"]] if isinstance(data["inputs"], str) else data["inputs"]
-        if not isinstance(entries, (list, tuple)) or not entries:
-            self.expected("inputs", "a path or a non-empty list of paths", data["inputs"])
-        inputs = tuple(self.path_text(e, f"inputs[{i}]") for i, e in enumerate(entries))
-        output = self.path_text(data["output"], "output")
-        model = self.typed(data.get("model", DEFAULT_MODEL), str, "model")
-        if model not in MODELS:
-            raise self.fail("model", f"unknown model {model!r}; {_suggest(model, list(MODELS))}")
-        spec = MODELS[model]
-        weights = data.get("weights")
-        weights = None if weights is None else self.path_text(weights, "weights")
-        max_pixels = self.typed(data.get("max_pixels", DEFAULT_MAX_PIXELS), int, "max_pixels")
-        if max_pixels < 16 * 16:
-            raise self.fail("max_pixels", f"must be at least 256 (16 x 16), got {max_pixels}")
+    def recipe_values(self, recipe: Mapping[str, Any] | None, spec: ModelSpec,
+                      same_model: bool) -> dict[str, Any]:
+        """The settings of a recipe PNG's JSON, checked like a config's (``recipe.*``)."""
+        if recipe is None:
+            return {}
+        unknown = sorted(set(recipe) - set(_FIELDS) - _META_KEYS)
+        if unknown:
+            raise ConfigError(f"{self.recipe_source}: {len(unknown)} unknown recipe key(s): "
+                              f"{first_few(list(unknown))}")
+        return {key: self.field(key, recipe[key], f"recipe.{key}", spec) for key in _FIELDS
+                # Under another model the PNG's layers mean nothing: that model's default.
+                if key in recipe and key != "model" and (key != "layers" or same_model)}
 
-        base: dict[str, Any] = {}
+    def recipe_model(self, recipe: Mapping[str, Any] | None) -> str | None:
+        if recipe is None:
+            return None
+        if not isinstance(recipe, Mapping):
+            raise ConfigError(f"{self.recipe_source}: recipe is not a JSON object")
+        model = recipe.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str):
+            raise self.fail("recipe.model", f"expected a name, got {_show(model)}")
+        return model
+
+    def settings(self, data: dict[Any, Any], spec: ModelSpec
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The config's recipe values (``max_side`` and ``dream``) and the key path of each."""
+        values: dict[str, Any] = {}
         where: dict[str, str] = {}  # recipe field -> the key path that set it
         if "max_side" in data:
-            base["max_side"] = self.field("max_side", data["max_side"], "max_side", spec)
+            values["max_side"] = self.field("max_side", data["max_side"], "max_side", spec)
             where["max_side"] = "max_side"
         for key, value in self.section(data, "dream", DREAM_KEYS).items():
-            base[key] = self.field(key, value, f"dream.{key}", spec)
+            values[key] = self.field(key, value, f"dream.{key}", spec)
             where[key] = f"dream.{key}"
+        return values, where
+
+    def grid(self, data: dict[Any, Any], where: dict[str, str], spec: ModelSpec
+             ) -> list[tuple[str, tuple[Any, ...]]]:
         axes: list[tuple[str, tuple[Any, ...]]] = []
         for name, values in self.section(data, "grid", GRID_KEYS).items():
             if name in where:
@@ -363,29 +393,68 @@ class _Reader:
         if count > MAX_VARIANTS:
             shape = " x ".join(str(len(values)) for _, values in axes)
             raise self.fail("grid", f"{count} variants ({shape}); at most {MAX_VARIANTS}")
-        variants = tuple(self.variant(base, where, axes, indices, spec) for indices in
-                         itertools.product(*(range(len(values)) for _, values in axes)))
+        return axes
 
+    def job(self, data: dict[Any, Any]) -> JobSettings:
         job: dict[str, Any] = {}
         for key, value in self.section(data, "job", JOB_KEYS).items():
             value = job[key] = self.typed(value, _JOB_TYPES[key], f"job.{key}")
             if value is not None and not _JOB_MINIMUM[key] <= value < math.inf:
                 raise self.fail(f"job.{key}", f"must be at least {_JOB_MINIMUM[key]}, got {value}")
+        return JobSettings(**job)
+
+    def build(self, data: dict[Any, Any], recipe: Mapping[str, Any] | None = None) -> JobConfig:
+        """The checked config; ``recipe`` (a recipe PNG's JSON) sits under its settings."""
+        self.section(data, "", TOP_KEYS)
+        for key in ("inputs", "output"):
+            if data.get(key) is None:
+                raise self.fail(key, "missing; every config names its inputs and output folder")
+        entries = [data["inputs"]] if isinstance(data["inputs"], str) else data["inputs"]
+        if not isinstance(entries, (list, tuple)) or not entries:
+            self.expected("inputs", "a path or a non-empty list of paths", data["inputs"])
+        inputs = tuple(self.path_text(e, f"inputs[{i}]") for i, e in enumerate(entries))
+        output = self.path_text(data["output"], "output")
+        recipe_model = self.recipe_model(recipe)
+        model = self.typed(data.get("model", recipe_model or DEFAULT_MODEL), str, "model")
+        if model not in MODELS:
+            raise self.fail("model", f"unknown model {model!r}; {_suggest(model, list(MODELS))}")
+        spec = MODELS[model]
+        weights = data.get("weights")
+        weights = None if weights is None else self.path_text(weights, "weights")
+        max_pixels = self.typed(data.get("max_pixels", DEFAULT_MAX_PIXELS), int, "max_pixels")
+        if max_pixels < 16 * 16:
+            raise self.fail("max_pixels", f"must be at least 256 (16 x 16), got {max_pixels}")
+
+        from_recipe = self.recipe_values(recipe, spec, same_model=model == recipe_model)
+        values, where = self.settings(data, spec)
+        if recipe is not None and "preset" in where:
+            raise self.fail(where["preset"], "cannot be combined with --recipe, which sets the "
+                                             "whole recipe; give one")
+        axes = self.grid(data, where, spec)
+        origin = {**{key: f"recipe.{key}" for key in from_recipe}, **where}
+        variants = tuple(self.variant({**from_recipe, **values}, origin, axes, indices, spec)
+                         for indices in itertools.product(*(range(len(v)) for _, v in axes)))
+        sha = recipe.get("weights_sha256") if recipe is not None else None
         return JobConfig(source=self.source, inputs=inputs, output=Path(output), model=model,
                          weights=weights, variants=variants, grid=tuple(axes),
-                         job=JobSettings(**job), max_pixels=max_pixels)
+                         job=self.job(data), max_pixels=max_pixels,
+                         recipe_weights_sha256=sha if isinstance(sha, str)
+                         and model == recipe_model else None,
+                         recipe=self.recipe_path)
 
 
-def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
-                ) -> JobConfig:
+def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None, *,
+                recipe: str | None = None) -> JobConfig:
     """Reads, checks and resolves a YAML job config; raises ConfigError for anything wrong.
 
     ``overrides`` maps top-level, dream or job key names (``output``, ``steps``, ``workers``)
-    to values from the command line, which replace the file's before any check; None values
-    (options not given) are skipped.
+    to values from the command line, which replace the file's before any check and are named
+    as options (``--steps``) in messages; None values (options not given) are skipped.
+    ``recipe`` is a PNG that jaxdream wrote: its settings sit under the config's.
     """
     source = os.fspath(path)
     data = dict(_read_yaml(source))
+    given: dict[str, str] = {}  # key path -> the option that set it
     for key, value in (overrides or {}).items():
         if key not in _OVERRIDE_KEYS:
             raise ConfigError(f"{source}: override {key!r}: unknown setting; "
@@ -393,89 +462,77 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
         section = "dream" if key in DREAM_KEYS else "job" if key in JOB_KEYS else ""
         if value is None:
             continue  # an option that was not given
+        given[f"{section}.{key}" if section else key] = f"--{key.replace('_', '-')}"
         if not section:
             data[key] = value
         elif isinstance(data.get(section) or {}, dict):  # a broken section reports itself
             data[section] = {**(data.get(section) or {}), key: value}
-    return _Reader(source).build(data)
+    reader = _Reader(source, lambda path: given.get(path) or f"{source}: {path}", recipe)
+    return reader.build(data, _recipe_json(recipe))
 
 
-def image_files(folder: str) -> list[str]:
-    """The image files directly inside ``folder`` (by extension), sorted by name."""
-    return [os.path.join(folder, child.name) for child in sorted(Path(folder).iterdir())
-            if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file()]
+def options_config(inputs: Sequence[str], output: str, settings: Mapping[str, Any], *,
+                   recipe: str | None = None) -> JobConfig:
+    """The job ``jaxdream dream INPUT... -o OUTDIR [options]`` runs: checked and resolved as a
+    config file is, with messages that name the options (``--steps``, ``INPUT``).
 
-
-def _what_it_is(entry: str) -> str:
-    """Why an entry that is neither a folder, a file nor a glob cannot be used."""
-    try:
-        mode = os.stat(entry).st_mode
-    except OSError:
-        return "no such file or folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO), not an image or a list"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device, not an image or a list"
-    if stat.S_ISSOCK(mode):
-        return "a socket, not an image or a list"
-    return "not a regular file, an image or a list"
-
-
-def _expand_entry(entry: Any, where: str, outdir: Path | None) -> list[str]:
-    if not isinstance(entry, str) or not entry or "\0" in entry:
-        raise ConfigError(f"{where}: expected a path, got {_show(entry)}")
-    path = Path(entry)
-    try:
-        if path.is_dir():
-            found = _without_outputs(image_files(entry), outdir)
-            empty = "holds no image file"
-        elif path.is_file() and path.suffix.lower() == ".txt":
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            found = [os.path.join(os.path.dirname(entry), line) for line in lines
-                     if line and not line.startswith("#")]
-            if any("\0" in listed for listed in found):
-                raise ConfigError(f"{where}: the list {entry!r} holds a NUL character")
-            empty = "lists no file"
-        elif path.is_file():
-            return [entry]
-        elif any(char in entry for char in "*?["):
-            found = _without_outputs(
-                [p for p in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(p)
-                 and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS], outdir)
-            empty = "matches no image file"
-        else:
-            raise ConfigError(f"{where}: {entry!r}: {_what_it_is(entry)}")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"{where}: cannot read {entry!r}: {reason}") from None
-    if not found:
-        raise ConfigError(f"{where}: {entry!r} {empty}")
-    return found
-
-
-def _without_outputs(found: list[str], outdir: Path | None) -> list[str]:
-    if outdir is None:
-        return found
-    from jaxdream.outdir import leave_out_outputs
-
-    return leave_out_outputs(found, outdir)
-
-
-def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
-                  outdir: Path | None = None) -> list[str]:
-    """The image paths that config input entries name, deduplicated in first-seen order.
-
-    An entry is a file; a folder (its image files by extension, sorted, not recursive); a glob
-    (``photos/**/*.jpg``: the image files it matches, sorted); or a ``.txt`` list of paths, one
-    per line (blank lines and ``#`` comments skipped, relative paths from the list's folder).
-    An entry that matches nothing is a ConfigError naming ``source[index]``; pass
-    ``source=f"{config.source}: inputs"``. Images are not opened, and the lines of a list are
-    not checked: the renderer reports a missing or bad image on its own, as it goes. With
-    ``outdir``, folders and globs leave out that job's own outputs (see
-    :func:`jaxdream.outdir.leave_out_outputs`); a file named on its own is always kept.
+    ``settings`` maps top-level or dream key names (``model``, ``steps``, ``layers``) to
+    option values; None values are skipped. An input that yields no image is one failed input
+    (``lenient_inputs``), as a missing file is.
     """
-    found: dict[str, str] = {}  # normalised path -> first spelling seen (dicts keep order)
-    for index, entry in enumerate(entries):
-        for path in _expand_entry(entry, f"{source}[{index}]", outdir):
-            found.setdefault(os.path.normpath(path), path)
-    return list(found.values())
+    data: dict[str, Any] = {"inputs": list(inputs), "output": output, "dream": {}}
+    for key, value in settings.items():
+        if value is not None:
+            (data if key in _VALUE_KEYS else data["dream"])[key] = value
+    reader = _Reader("options", _option_name, recipe)
+    config = reader.build(data, _recipe_json(recipe))
+    return dataclasses.replace(config, lenient_inputs=True)
+
+
+def _option_name(path: str) -> str:
+    """The command-line option a key path comes from: ``dream.step_size`` -> ``--step-size``."""
+    if path.startswith("inputs"):
+        return "INPUT"
+    name = path.removeprefix("dream.").partition("[")[0].partition(".")[0]
+    return f"--{name.replace('_', '-')}"
+
+
+def _recipe_json(path: str | None) -> Mapping[str, Any] | None:
+    from jaxdream.images import read_recipe
+
+    return None if path is None else read_recipe(path)
+
+
+def recipe_from_json(data: Any, source: str) -> tuple[Recipe, str | None]:
+    """A recipe JSON that jaxdream wrote (a PNG's, an animation's), checked and resolved as a
+    config's settings are; returns it and the SHA-256 of its weights."""
+    reader = _Reader(source)
+    reader.recipe_source = source
+    model = reader.recipe_model(data) or DEFAULT_MODEL
+    if model not in MODELS:
+        raise ConfigError(f"{source}: model: unknown model {model!r}; "
+                          f"{_suggest(model, list(MODELS))}")
+    spec = MODELS[model]
+    values = reader.recipe_values(data, spec, same_model=True)
+    recipe = reader.variant(values, {key: f"recipe.{key}" for key in values}, [], (),
+                            spec).recipe
+    sha = data.get("weights_sha256")
+    return recipe, sha if isinstance(sha, str) else None
+
+
+def recipe_from_settings(model: str, settings: Mapping[str, Any], source: str = "settings"
+                         ) -> Recipe:
+    """A recipe from keyword settings (the Python API), resolved and checked as a config's
+    ``dream:`` section is: defaults, then the preset, then the settings. Messages name the
+    setting (``settings: steps: must be ...``)."""
+    values = dict(settings)
+    data: dict[str, Any] = {"dream": values}
+    if "max_side" in values:
+        data["max_side"] = values.pop("max_side")
+    reader = _Reader(source, lambda path: f"{source}: {path.removeprefix('dream.')}")
+    if model not in MODELS:
+        raise ConfigError(f"{source}: model: unknown model {model!r}; "
+                          f"{_suggest(model, list(MODELS))}")
+    spec = MODELS[model]
+    resolved, where = reader.settings(data, spec)
+    return reader.variant(resolved, where, [], (), spec).recipe

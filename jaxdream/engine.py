@@ -2,7 +2,7 @@
 
 Images are placed in shape buckets (each side rounded up to a multiple of ``bucket``; the image
 sits in the top-left corner and the padding is masked out of the dream, see
-:mod:`jaxdream.dream`), stacked into batches of a fixed size (the last one padded with a copy
+:mod:`jaxdream.ascent`), stacked into batches of a fixed size (the last one padded with a copy
 that is thrown away), and per-image parameters ride along as vmapped arrays. One compiled
 program serves every batch of a bucket; programs are kept for reuse and counted, so a caller
 can report what compiling cost. With several devices the batch axis is sharded across them.
@@ -27,12 +27,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdream.dream import SampleParams, StaticSettings, dream, octave_shapes
+from jaxdream.ascent import SampleParams, StaticSettings, dream, octave_shapes
 from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
 from jaxdream.models.layers import compute_dtype as compute_dtype_of_networks
 from jaxdream.models.weights import cache_root
 from jaxdream.objectives import Term, TermParams, term_params
+from jaxdream.recipe import Recipe
 
 #: Guide images are squeezed to this square before their features are taken, so every guide
 #: gives features of one shape (the original notebook used a 224 x 224 crop).
@@ -55,6 +56,25 @@ class ItemParams:
     layer_weights: tuple[float, ...]
     channels: tuple[int, ...] = ()
     guide: str | None = None  # path of the guide image, for the guide objective
+
+
+def static_settings(recipe: Recipe) -> StaticSettings:
+    """The settings of ``recipe`` that select a compiled program."""
+    assert recipe.layers is not None, "resolve the default layer first"
+    return StaticSettings(layers=tuple(name for name, _ in recipe.layers),
+                          octaves=recipe.octaves, octave_scale=float(recipe.octave_scale),
+                          steps=recipe.steps, objective=recipe.objective,
+                          normaliser=recipe.normaliser, update=recipe.update,
+                          tile_size=recipe.tile_size, tile_above=recipe.tile_above)
+
+
+def item_params(recipe: Recipe) -> ItemParams:
+    """The per-image values of ``recipe`` (vmapped: images with different ones share a
+    program)."""
+    assert recipe.layers is not None, "resolve the default layer first"
+    return ItemParams(step_size=float(recipe.step_size), jitter=recipe.jitter, seed=recipe.seed,
+                      layer_weights=tuple(float(w) for _, w in recipe.layers),
+                      channels=recipe.channels, guide=recipe.guide)
 
 
 @dataclasses.dataclass
@@ -309,3 +329,14 @@ class Engine:
                 for slot, index in enumerate(chunk):
                     height, width = images[index].shape[:2]
                     yield index, out[slot, :height, :width]
+
+
+def describe_devices() -> str:
+    """One line naming the devices JAX will dream on, so a user can see the GPU is used."""
+    devices = jax.devices()
+    kinds = sorted({device.device_kind for device in devices})
+    line = f"devices: {len(devices)} x {', '.join(kinds)} ({jax.default_backend()}, jax " \
+           f"{jax.__version__})"
+    if jax.default_backend() == "cpu":
+        line += "; no GPU or TPU found (pip install 'jaxdream[cuda]' or '[tpu]' for one)"
+    return line

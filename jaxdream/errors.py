@@ -28,6 +28,10 @@ class ConfigError(JaxdreamError):
     """A recipe, option or config value is unknown, of the wrong type, or impossible."""
 
 
+class JobError(JaxdreamError):
+    """A job as a whole cannot go on (no cluster, no worker, the manifest cannot be written)."""
+
+
 def brief(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to about ``limit`` characters, for quoting untrusted values in a
     message: a recipe or config can hold a megabyte where a name was expected."""

@@ -4,7 +4,8 @@ A parameter grid produces many outputs that only make sense side by side, so
 :func:`contact_sheet` lays tiles out as a labelled grid in one PNG and :func:`write_gallery`
 writes an ``index.html`` that opens straight from disk. Names and parameters come from users
 and file systems, so every string put into HTML is escaped and every link is a percent-encoded
-path *inside* the output folder. Like :mod:`jaxdream.images`, this module imports no JAX.
+path *inside* the output folder. :func:`sheets_and_gallery` writes both for a finished job.
+Like :mod:`jaxdream.images`, this module imports no JAX.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ import itertools
 import math
 import os
 import re
-import tempfile
+import sys
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from jaxdream.errors import JaxdreamError
+from jaxdream.files import atomic_write, display
 from jaxdream.images import load_rgb, save_png
+
+if TYPE_CHECKING:
+    from jaxdream.config import JobConfig
+    from jaxdream.render import Outcome, WorkItem
 
 __all__ = ["GalleryEntry", "Tile", "contact_sheet", "write_gallery"]
 
@@ -65,8 +71,7 @@ class GalleryEntry:
 
 def _text(value: Any) -> str:
     """A value as short display text: floats as %g, control characters and surrogates escaped."""
-    text = format(value, "g") if isinstance(value, float) else str(value)
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return display(format(value, "g") if isinstance(value, float) else str(value))
 
 
 def _font(size: int) -> Any:
@@ -215,22 +220,6 @@ def contact_sheet(tiles: Sequence[Tile], grid: Sequence[tuple[str, Sequence[Any]
 # HTML gallery
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a gallery is meant to be served and shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _url(rel: str) -> str:
     """A relative path as a URL: every component percent-encoded (':' too, so no scheme)."""
     return "/".join(urllib.parse.quote(os.fsencode(part), safe="") for part in rel.split(os.sep))
@@ -248,7 +237,7 @@ def _thumbnail(src: Path, dest: Path, side: int) -> tuple[int, int] | None:
         thumb = Image.fromarray(load_rgb(src, max_side=side))
         buf = io.BytesIO()
         thumb.save(buf, format="JPEG", quality=85)
-        _atomic_write(dest, buf.getvalue())
+        atomic_write(dest, lambda out: out.write(buf.getvalue()))
         return thumb.size
     except (JaxdreamError, OSError):
         return None
@@ -334,7 +323,7 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
                 f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n"
                 + "\n".join(body) + "\n</body></html>\n")
         index = outdir / "index.html"
-        _atomic_write(index, page.encode("utf-8"))
+        atomic_write(index, lambda out: out.write(page.encode("utf-8")))
     except OSError as exc:
         where = exc.filename if isinstance(exc.filename, str) else outdir
         why = exc.strerror or str(exc)
@@ -342,3 +331,69 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
             why = "it exists and is not a folder"  # mkdir's EEXIST on a file or FIFO in the way
         raise JaxdreamError(f"{_text(where)}: cannot write the gallery ({why})") from exc
     return index
+
+
+# --------------------------------------------------------------------------------------------
+# A job's sheets and gallery
+
+
+#: Above this many outputs the gallery is not written: a page of 100,000 thumbnails helps no
+#: one, and the manifest lists every output anyway.
+GALLERY_LIMIT = 2000
+
+
+def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
+                       outcomes: Sequence[Outcome], *,
+                       report: Callable[[str], None] | None = None) -> Path | None:
+    """Writes a contact sheet per input (when the job has a grid) and ``OUTDIR/index.html``.
+
+    Returns the gallery's path, or None when the job is too big for one page (or the page
+    could not be written). A sheet that cannot be written is reported (an ``error:`` line,
+    which callers count into the exit status) and does not stop the others: the dreams
+    themselves are already safe on disk. Inputs that failed before they became items (missing,
+    a device, empty) are listed too, so the gallery, the summary and the manifest agree.
+    """
+    say = report or (lambda line: print(line, file=sys.stderr))
+    by_id = {outcome.id: outcome for outcome in outcomes if outcome.id}
+    entries: list[GalleryEntry] = []
+    if config.grid:
+        per_input: dict[str, list[WorkItem]] = {}
+        for item in items:
+            per_input.setdefault(item.input, []).append(item)
+        for path, group in per_input.items():
+            if len(group) != len(config.variants):
+                continue
+            tiles = [Tile(item.output, item.point, by_id[item.id].status if item.id in by_id
+                          else "missing") for item in group]
+            stem = group[0].output.name.rsplit("_dream", 1)[0]
+            sheet = group[0].output.parent / f"{stem}_grid.png"
+            try:
+                contact_sheet(tiles, config.grid, sheet,
+                              title=f"{Path(path).name}: {group[0].recipe.model}")
+            except (JaxdreamError, OSError) as error:
+                say(f"error: contact sheet {sheet}: {error}")
+                continue
+            entries.append(GalleryEntry(sheet, Path(path).name, {"grid": " x ".join(
+                name for name, _ in config.grid)}, "done", kind="sheet"))
+    if len(items) > GALLERY_LIMIT:
+        say(f"note: {len(items)} outputs, more than {GALLERY_LIMIT}: no index.html written "
+            f"(the manifest lists every output)")
+        return None
+    for item in items:
+        outcome = by_id.get(item.id)
+        params = {"layers": item.recipe.layers_text, "steps": item.recipe.steps,
+                  "octaves": item.recipe.octaves, "step_size": item.recipe.step_size,
+                  "seed": item.recipe.seed, **item.point}
+        entries.append(GalleryEntry(item.output, Path(item.input).name, params,
+                                    outcome.status if outcome else "missing",
+                                    outcome.reason if outcome else ""))
+    planned = {item.id for item in items}
+    for outcome in outcomes:  # inputs that failed before they became items (missing, a FIFO)
+        if outcome.status == "failed" and outcome.id not in planned:
+            entries.append(GalleryEntry(config.output / Path(outcome.input).name,
+                                        outcome.input, {}, "failed", outcome.reason))
+    try:
+        return write_gallery(config.output, entries, title=f"jaxdream: {config.source}")
+    except (JaxdreamError, OSError) as error:  # the message names the path at fault
+        say(f"error: gallery not written: {error}")
+        return None

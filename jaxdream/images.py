@@ -1,3 +1,4 @@
+# long: every way an image file can be hostile is handled here, in the order a file is read
 """Image input and output: the only place where jaxdream touches image files.
 
 Loading is the part a user can break in a thousand ways (a half-downloaded JPEG, an HTML page
@@ -13,13 +14,10 @@ to import from tools and tests, and its behaviour must not depend on an accelera
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import secrets
-import stat
 import struct
 import warnings
 import zlib
@@ -30,6 +28,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from jaxdream.errors import ImageError
+from jaxdream.files import Refused, atomic_write, open_regular_file
+from jaxdream.files import display as _display
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -112,25 +112,10 @@ _MODES_PLAIN = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 # Messages
 
 
-def _display(path: str | os.PathLike[str] | os.PathLike[bytes] | bytes) -> str:
-    """The path as the user gave it, made safe to print on one line.
-
-    File names may legally contain newlines, escape sequences or bytes that are not valid
-    UTF-8; printing those raw would break the "one readable line" promise (or the terminal), so
-    every non-printable character is shown as a Python escape (``\\n``, ``\\x1b``, ``\\udcff``).
-    """
-    try:
-        text = os.fsdecode(path)
-    except TypeError:
-        text = repr(path)
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
 def _one_line(exc: object) -> str:
     """A short single-line rendering of an exception (or message) from Pillow or the OS."""
     text = str(exc).strip() or type(exc).__name__
-    text = " ".join(text.split())
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    text = _display(" ".join(text.split()))
     if len(text) > _MAX_REASON_CHARS:
         text = text[: _MAX_REASON_CHARS - 3] + "..."
     return text
@@ -144,19 +129,13 @@ def _fail(name: str, reason: str) -> ImageError:
 # Opening files safely
 
 
-def _open_regular_file(path: str | os.PathLike[str], name: str, what: str = "an image") -> IO[bytes]:
-    """Open ``path`` for binary reading, refusing anything that is not a non-empty regular file.
-
-    The file is opened *first* and then inspected with ``fstat`` on the open descriptor, so the
-    checks apply to exactly what we read (no race between a ``stat`` and the ``open``).
-    ``O_NONBLOCK`` keeps a named pipe called ``photo.jpg`` from hanging the program in ``open``;
-    it has no effect on regular files.
-    """
-    flags = (
-        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    )
+def _open_regular_file(path: str | os.PathLike[str], name: str) -> IO[bytes]:
+    """:func:`jaxdream.files.open_regular_file`, its refusals and the OS's errors worded as
+    ImageErrors that name the file."""
     try:
-        fd = os.open(path, flags)
+        return open_regular_file(path)
+    except Refused as exc:
+        raise _fail(name, str(exc)) from None
     except FileNotFoundError as exc:
         if os.path.islink(path):
             try:
@@ -166,34 +145,13 @@ def _open_regular_file(path: str | os.PathLike[str], name: str, what: str = "an 
             raise _fail(name, f"dangling symbolic link (its target {target} does not exist)") from exc
         raise _fail(name, "no such file") from exc
     except IsADirectoryError as exc:
-        raise _fail(name, f"is a directory, not {what} file") from exc
+        raise _fail(name, "is not a regular file (a directory)") from exc
     except PermissionError as exc:
         raise _fail(name, "permission denied (the file is not readable)") from exc
     except OSError as exc:
         raise _fail(name, f"cannot open ({_one_line(exc.strerror or exc)})") from exc
     except (ValueError, TypeError) as exc:  # e.g. an embedded NUL byte in the path
         raise _fail(name, f"invalid path ({_one_line(exc)})") from exc
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise _fail(name, f"is a directory, not {what} file")
-        if not stat.S_ISREG(st.st_mode):
-            kind = (
-                "named pipe"
-                if stat.S_ISFIFO(st.st_mode)
-                else "device"
-                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                else "socket"
-                if stat.S_ISSOCK(st.st_mode)
-                else "special file"
-            )
-            raise _fail(name, f"not a regular file ({kind})")
-        if st.st_size == 0:
-            raise _fail(name, "empty file (0 bytes)")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _claimed_format(head: bytes) -> str | None:
@@ -566,56 +524,12 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, recipe: dict[str, 
     info.add_text(RECIPE_KEY, text)  # ASCII JSON, so Pillow writes a plain tEXt chunk
     pil = Image.fromarray(np.ascontiguousarray(image))
 
-    dest = os.fspath(path)
-    directory = os.path.dirname(dest) or "."
-    tmp: str | None = None
     try:
-        fd, tmp = _create_temp_file(directory, os.path.basename(dest))
-        with os.fdopen(fd, "wb") as out:
-            pil.save(out, format="PNG", pnginfo=info, compress_level=6, optimize=False)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-        tmp = None
-        _fsync_directory(directory)
+        atomic_write(path, lambda out: pil.save(out, format="PNG", pnginfo=info,
+                                                compress_level=6, optimize=False))
     except OSError as exc:
         raise _fail(name, f"cannot write PNG ({_one_line(exc.strerror or exc)})") from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
-
-def _create_temp_file(directory: str, base: str) -> tuple[int, str]:
-    """Create ``.<base>.<random>.tmp`` next to the destination; returns (fd, path).
-
-    Unlike :func:`tempfile.mkstemp` (always mode 0600) this creates the file with mode 0666
-    filtered by the process umask, so the renamed result gets ordinary permissions.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    flags |= getattr(os, "O_NOFOLLOW", 0)
-    stem = base[:100]
-    for _ in range(100):
-        candidate = os.path.join(directory, f".{stem}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(candidate, flags, 0o666), candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file in {directory}")
-
-
-def _fsync_directory(directory: str) -> None:
-    """Persist the rename itself (best effort: not every OS or filesystem allows it)."""
-    try:
-        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,7 +548,7 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
             (or more than one) ``jaxdream`` chunk, or the chunk is not a JSON object.
     """
     name = _display(path)
-    with _open_regular_file(path, name, what="a PNG") as fp:
+    with _open_regular_file(path, name) as fp:
         try:
             size = os.fstat(fp.fileno()).st_size
             texts = _find_recipe_chunks(fp, name, size)

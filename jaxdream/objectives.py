@@ -8,7 +8,6 @@ terms is static because it decides how deep the forward pass runs and what it co
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -16,48 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdream.errors import ConfigError, brief, first_few
-
-_LAYER_ITEM = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?::\s*([-+0-9.eE]+)\s*)?$")
-
-
-def parse_layers(text: str, known: Sequence[str] | None = None) -> dict[str, float]:
-    """Parses ``"block10"`` or ``"block8:1,block10:2"`` into {endpoint: weight}.
-
-    A layer without a weight gets 1. Unknown endpoints (when ``known`` is given), duplicates,
-    non-numbers and an all-zero weighting are errors that name the offending item.
-    """
-    if not text or not text.strip():
-        raise ConfigError("layers: empty; give an endpoint name such as 'block10'")
-    layers: dict[str, float] = {}
-    for item in text.split(","):
-        match = _LAYER_ITEM.match(item)
-        if not match:
-            raise ConfigError(f"layers: cannot parse {brief(item.strip())}; expected NAME or "
-                              f"NAME:WEIGHT, e.g. 'block8:1,block10:2'")
-        name, weight_text = match.group(1), match.group(2)
-        try:
-            weight = float(weight_text) if weight_text is not None else 1.0
-        except ValueError:
-            raise ConfigError(f"layers: weight {brief(weight_text)} of {brief(name)} is not a "
-                              f"number") from None
-        if not jnp.isfinite(weight):
-            raise ConfigError(f"layers: weight of {brief(name)} must be finite, got "
-                              f"{brief(weight_text)}")
-        if name in layers:
-            raise ConfigError(f"layers: {brief(name)} is listed twice")
-        if known is not None and name not in known:
-            raise ConfigError(f"layers: unknown endpoint {brief(name)}; this model has: "
-                              f"{', '.join(known)}")
-        layers[name] = weight
-    if all(w == 0 for w in layers.values()):
-        raise ConfigError("layers: every weight is zero, so there is nothing to amplify")
-    return layers
-
-
-def format_layers(layers: Mapping[str, float]) -> str:
-    """The inverse of :func:`parse_layers` (``repr`` of floats round-trips exactly)."""
-    return ",".join(f"{name}:{weight!r}" for name, weight in layers.items())
+from jaxdream.errors import ConfigError, first_few
+from jaxdream.recipe import OBJECTIVES
 
 
 def weighted_l2(endpoints: Mapping[str, jax.Array], names: Sequence[str],
@@ -80,9 +39,6 @@ def weighted_l2(endpoints: Mapping[str, jax.Array], names: Sequence[str],
 # decides how deep the forward pass runs and what is computed. Each term's weight, channel mask
 # and guide features are per-sample arrays, so sweeping them reuses one compiled program.
 
-KINDS = ("l2", "channel", "neuron", "guide")
-
-
 @dataclasses.dataclass(frozen=True)
 class Term:
     """One thing to amplify at one layer; combine terms with ``+`` and scale them with ``*``.
@@ -99,9 +55,9 @@ class Term:
     channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if self.kind not in OBJECTIVES:
             raise ConfigError(f"objective: unknown kind {self.kind!r}; choose one of "
-                              f"{', '.join(KINDS)}")
+                              f"{', '.join(OBJECTIVES)}")
 
     def __mul__(self, factor: float) -> Term:
         return dataclasses.replace(self, weight=self.weight * float(factor))

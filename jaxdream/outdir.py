@@ -256,15 +256,10 @@ def refuse_dangerous(folder: Path, *, force: bool = False) -> None:
 def claim(folder: Path, command: str, *, force: bool = False) -> OutputLock:
     """Checks, creates and locks ``folder`` for ``command``; every problem is one OutputBusy
     line naming the folder (a read-only parent, a file in the way, another job)."""
+    from jaxdream.files import output_folder
+
     refuse_dangerous(folder, force=force)
-    if folder.exists() and not folder.is_dir():
-        raise OutputBusy(f"{folder}: the output folder exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputBusy(f"{folder}: cannot create the output folder: "
-                         f"{error.strerror or error}") from None
-    return acquire(folder, command)
+    return acquire(output_folder(folder, OutputBusy), command)
 
 
 def _is_jaxdream_png(path: str) -> bool:

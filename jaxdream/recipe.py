@@ -1,61 +1,133 @@
-"""A dream's full recipe: presets, validation, and the JSON stored in every output PNG.
+"""A dream's full recipe: its settings, their defaults and kinds, presets, validation, and the
+JSON stored in every output PNG.
 
 A recipe holds every value that decides the pixels (model, weights identity, layers, octaves,
 steps, step size, jitter, seed, max side), so ``jaxdream dream INPUT --recipe OUT.png``
 reproduces an output exactly. Values are checked here, once, with errors that name the key.
+
+This is the settings vocabulary of the whole package and imports nothing heavy (no JAX): the
+CLI generates its options from the :class:`Recipe` fields, configs are checked against them in
+milliseconds, and the engine turns a recipe into compiled-program settings and per-image arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxdream import __version__
-from jaxdream.dream import StaticSettings
-from jaxdream.engine import ItemParams
 from jaxdream.errors import ConfigError, brief, first_few
-from jaxdream.objectives import format_layers, parse_layers
 
 MAX_SEED = 2**32 - 1
-OBJECTIVES = ("l2", "channel", "neuron", "guide")
-NORMALISERS = ("mean", "laplacian", "gaussian")
-UPDATES = ("ascent", "adam")
+
+#: The kinds of each choice, with the help text the CLI shows; every other module reads these.
+OBJECTIVES = {
+    "l2": "the layers' energy (classic)",
+    "channel": "the mean activation of --channels",
+    "neuron": "--channels at the feature map's centre",
+    "guide": "the features of --guide, matched as in the original notebook",
+}
+NORMALISERS = {
+    "mean": "divide by the mean |gradient| (classic)",
+    "laplacian": "normalise each of 4 Laplacian-pyramid bands (TF 2016 lapnorm)",
+    "gaussian": "smooth by Gaussians of growing width (pytorch-deepdream)",
+}
+UPDATES = {
+    "ascent": "normalised gradient ascent (classic)",
+    "adam": "Adam, lucid-style",
+}
+
+# Names may hold '.' and '/' (Caffe's blob names: inception_4c/output).
+_LAYER_ITEM = re.compile(r"^\s*([A-Za-z_][\w./]*)\s*(?::\s*([-+0-9.eE]+)\s*)?$")
+
+
+def parse_layers(text: str, known: Sequence[str] | None = None) -> dict[str, float]:
+    """Parses ``"block10"`` or ``"block8:1,block10:2"`` into {endpoint: weight}.
+
+    A layer without a weight gets 1. Unknown endpoints (when ``known`` is given), duplicates,
+    non-numbers and an all-zero weighting are errors that name the offending item.
+    """
+    if not text or not text.strip():
+        raise ConfigError("layers: empty; give an endpoint name such as 'block10'")
+    layers: dict[str, float] = {}
+    for item in text.split(","):
+        match = _LAYER_ITEM.match(item)
+        if not match:
+            raise ConfigError(f"layers: cannot parse {brief(item.strip())}; expected NAME or "
+                              f"NAME:WEIGHT, e.g. 'block8:1,block10:2'")
+        name, weight_text = match.group(1), match.group(2)
+        try:
+            weight = float(weight_text) if weight_text is not None else 1.0
+        except ValueError:
+            raise ConfigError(f"layers: weight {brief(weight_text)} of {brief(name)} is not a "
+                              f"number") from None
+        if not math.isfinite(weight):
+            raise ConfigError(f"layers: weight of {brief(name)} must be finite, got "
+                              f"{brief(weight_text)}")
+        if name in layers:
+            raise ConfigError(f"layers: {brief(name)} is listed twice")
+        if known is not None and name not in known:
+            raise ConfigError(f"layers: unknown endpoint {brief(name)}; this model has: "
+                              f"{', '.join(known)}")
+        layers[name] = weight
+    if all(w == 0 for w in layers.values()):
+        raise ConfigError("layers: every weight is zero, so there is nothing to amplify")
+    return layers
+
+
+def format_layers(layers: Mapping[str, float]) -> str:
+    """The inverse of :func:`parse_layers` (``repr`` of floats round-trips exactly)."""
+    return ",".join(f"{name}:{weight!r}" for name, weight in layers.items())
+
+
+def _setting(default: Any, help: str, *, metavar: str | None = None,
+             choices: Mapping[str, str] | None = None, shown: str | None = None) -> Any:
+    """A recipe field and what ``jaxdream dream --help`` says about it: the CLI's options are
+    generated from these, so a new setting is one field. ``shown`` replaces the default in the
+    help text; ``choices`` (name -> description) are offered and described."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "metavar": metavar, "choices": choices, "shown": shown})
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Everything that decides a dream's pixels, apart from the input image itself."""
 
-    model: str = "efficientnet_lite0"
+    model: str = _setting("efficientnet_lite0", "model name",
+                          shown="efficientnet_lite0, embedded weights")
     #: (endpoint, weight) pairs; ``None`` means the model's default layer.
-    layers: tuple[tuple[str, float], ...] | None = None
-    octaves: int = 4
-    octave_scale: float = 1.4
-    steps: int = 10
-    step_size: float = 1.5
-    jitter: int = 32
-    seed: int = 0
+    layers: tuple[tuple[str, float], ...] | None = _setting(
+        None, "endpoints to amplify, optionally weighted: block10 or block8:1,block10:2",
+        shown="the model's own")
+    octaves: int = _setting(4, "number of scales")
+    octave_scale: float = _setting(1.4, "size ratio between octaves")
+    steps: int = _setting(10, "gradient steps per octave")
+    step_size: float = _setting(1.5, "mean absolute pixel change per step, on the 0..255 scale")
+    jitter: int = _setting(32, "largest random shift in pixels before each step")
+    seed: int = _setting(0, "random seed for jitter")
     #: Longer side of the image the dream runs at; ``None`` keeps the input's size.
-    max_side: int | None = 1024
-    preset: str = "classic"
-    #: What to amplify at each layer: "l2" (the energy, classic), "channel" (mean activation of
-    #: ``channels``), "neuron" (``channels`` at the feature map's centre), "guide" (features
-    #: of the ``guide`` image, matched as in the original notebook).
-    objective: str = "l2"
-    channels: tuple[int, ...] = ()
-    guide: str | None = None
-    #: How the raw gradient is shaped before the step: "mean" (classic: divided by its mean
-    #: |g|), "laplacian" (each of 4 Laplacian-pyramid bands normalised), "gaussian" (smoothed
-    #: by Gaussians of growing width). The step size always sets the mean |change| per step.
-    normaliser: str = "mean"
-    #: "ascent" (classic normalised gradient ascent) or "adam" (lucid-style).
-    update: str = "ascent"
+    max_side: int | None = _setting(
+        1024, "downscale so the longer side is at most this; 0 keeps the input's size")
+    preset: str = _setting("classic", "named look; the other settings start from it")
+    #: What to amplify at each layer; the guide objective matches the ``guide`` image's
+    #: features as in the original notebook.
+    objective: str = _setting("l2", "what to amplify at the layers", choices=OBJECTIVES)
+    channels: tuple[int, ...] = _setting(
+        (), "channel indices for --objective channel or neuron, e.g. 3,17", metavar="C[,C...]",
+        shown="none")
+    guide: str | None = _setting(None, "guide photo for --objective guide", metavar="IMAGE",
+                                 shown="none")
+    #: How the raw gradient is shaped before the step. The step size always sets the mean
+    #: |change| per step.
+    normaliser: str = _setting("mean", "gradient shaping", choices=NORMALISERS)
+    update: str = _setting("ascent", "update rule", choices=UPDATES)
     #: Octaves whose longer side exceeds ``tile_above`` pixels compute their gradient in
     #: ``tile_size`` tiles (with a fresh random roll each step); 0 never tiles.
-    tile_size: int = 512
-    tile_above: int = 1280
+    tile_size: int = _setting(512, "tile side for big images")
+    tile_above: int = _setting(1280, "tile octaves whose longer side exceeds this; 0 never")
 
     def validate(self, source: str = "recipe") -> Recipe:
         """Returns self if every value is possible, else raises ConfigError naming the key."""
@@ -138,20 +210,6 @@ class Recipe:
             raise ConfigError(f"{where}{error} (model {self.model})") from None
         return dataclasses.replace(self, layers=tuple(layers.items()))
 
-    def static_settings(self) -> StaticSettings:
-        assert self.layers is not None, "resolve the default layer first"
-        return StaticSettings(layers=tuple(name for name, _ in self.layers),
-                              octaves=self.octaves, octave_scale=float(self.octave_scale),
-                              steps=self.steps, objective=self.objective,
-                              normaliser=self.normaliser, update=self.update,
-                              tile_size=self.tile_size, tile_above=self.tile_above)
-
-    def item_params(self) -> ItemParams:
-        assert self.layers is not None, "resolve the default layer first"
-        return ItemParams(step_size=float(self.step_size), jitter=self.jitter, seed=self.seed,
-                          layer_weights=tuple(float(w) for _, w in self.layers),
-                          channels=self.channels, guide=self.guide)
-
     def to_json(self, *, weights_sha256: str, extra: Mapping[str, Any] | None = None
                 ) -> dict[str, Any]:
         """The JSON object embedded in output PNGs."""
@@ -197,43 +255,3 @@ PRESETS: dict[str, Recipe] = {
     "smooth": Recipe(preset="smooth", normaliser="gaussian"),
     "intense": Recipe(preset="intense", normaliser="laplacian", steps=20, step_size=2.0),
 }
-
-#: Keys of a recipe JSON that describe where it came from rather than the dream itself.
-_META_KEYS = {"jaxdream", "weights_sha256", "weights", "input", "id", "grid"}
-_FIELDS = {field.name for field in dataclasses.fields(Recipe)}
-
-
-def recipe_from_json(data: Mapping[str, Any], source: str) -> tuple[Recipe, str | None]:
-    """Parses a recipe JSON (as stored in a PNG); returns it and its weights SHA-256."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: recipe is not a JSON object")
-    unknown = sorted(set(data) - _FIELDS - _META_KEYS)
-    if unknown:
-        raise ConfigError(f"{source}: {len(unknown)} unknown recipe key(s): "
-                          f"{first_few(list(unknown))}")
-    preset_name = data.get("preset", "classic")
-    if not isinstance(preset_name, str) or preset_name not in PRESETS:
-        raise ConfigError(f"{source}: preset: unknown preset {brief(preset_name)}")
-    values = {key: data[key] for key in _FIELDS if key in data}
-    layers = values.pop("layers", None)
-    if layers is not None:
-        if (not isinstance(layers, Mapping) or not layers
-                or not all(isinstance(k, str) for k in layers)
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                           for v in layers.values())):
-            raise ConfigError(f"{source}: layers: expected an object of endpoint -> weight")
-        values["layers"] = tuple((name, float(weight)) for name, weight in layers.items())
-        for name, weight in values["layers"]:
-            if not math.isfinite(weight):  # JSON's 1e400 parses as infinity
-                raise ConfigError(f"{source}: layers: the weight of {brief(name)} is too large "
-                                  f"(it overflows to infinity); give a finite number")
-    if "channels" in values:
-        channels = values["channels"]
-        if not isinstance(channels, list):
-            raise ConfigError(f"{source}: channels: expected a list of channel indices")
-        values["channels"] = tuple(channels)
-    if not isinstance(values.get("model", ""), str):
-        raise ConfigError(f"{source}: model: expected a name")
-    recipe = dataclasses.replace(PRESETS[preset_name], **values).validate(source)
-    sha = data.get("weights_sha256")
-    return recipe, sha if isinstance(sha, str) else None

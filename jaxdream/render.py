@@ -25,8 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdream import __version__
-from jaxdream.engine import CompileStats, Engine, default_batch_size
+from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_params,
+                             static_settings)
 from jaxdream.errors import JaxdreamError
+from jaxdream.files import output_folder
 from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
@@ -126,13 +128,13 @@ def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: str, what: str = "an image") -> str:
+def _file_sha256(path: str) -> str:
     """SHA-256 of a regular file; a pipe, device, folder, empty file or one larger than
     :data:`~jaxdream.images.DEFAULT_MAX_FILE_BYTES` is an ImageError (a named pipe called
     photo.jpg must not hang the job, a 50 GB file must not be read to be refused)."""
     from jaxdream.images import _check_file_size, _open_regular_file
 
-    with _open_regular_file(path, path, what) as handle:
+    with _open_regular_file(path, path) as handle:
         _check_file_size(handle, path, DEFAULT_MAX_FILE_BYTES)
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -156,7 +158,7 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     identities = {recipe.model: weights_sha256(recipe.model, weights) for recipe, _ in variants}
     # A guide image is part of every item's identity; one that cannot be read stops the job
     # before it starts (it is a setting, not one bad input among many).
-    guides = {recipe.guide: _file_sha256(recipe.guide, "a guide image")
+    guides = {recipe.guide: _file_sha256(recipe.guide)
               for recipe, _ in variants if recipe.guide}
     items: list[WorkItem] = []
     failures: list[Outcome] = []
@@ -179,13 +181,25 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
 
 
 def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
-    """:func:`plan` for a loaded job config (inputs expanded, every grid variant)."""
-    from jaxdream.config import expand_inputs
+    """:func:`plan` for a loaded job config (inputs expanded, every grid variant); with
+    ``config.lenient_inputs`` an input entry that yields no image is one more failure."""
+    from jaxdream.inputs import expand_inputs
 
-    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs",
+    unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
+    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched,
                            outdir=config.output)
-    return plan(inputs, config.output, [(v.recipe, v.point) for v in config.variants],
-                weights=config.weights, max_pixels=config.max_pixels)
+    if config.recipe_weights_sha256 is not None:
+        actual = weights_sha256(config.model, config.weights)
+        if actual != config.recipe_weights_sha256:
+            raise JaxdreamError(
+                f"recipe {config.recipe} was rendered with weights sha256 "
+                f"{config.recipe_weights_sha256[:16]}..., but the loaded weights are "
+                f"{actual[:16]}...; pass --weights with the matching file")
+    items, failures = plan(inputs, config.output,
+                           [(v.recipe, v.point) for v in config.variants],
+                           weights=config.weights, max_pixels=config.max_pixels)
+    return items, [Outcome(entry, None, "failed", reason)
+                   for entry, reason in unmatched or ()] + failures
 
 
 def _load(item: WorkItem) -> np.ndarray:
@@ -198,6 +212,26 @@ def _load(item: WorkItem) -> np.ndarray:
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
+                ) -> list[tuple[int, np.ndarray | str]]:
+    """Each item's image, or the one-line reason it cannot be read. The variants of a grid
+    share their photo: it is read and checked once per chunk."""
+    decoded: dict[tuple[Any, ...], np.ndarray | str] = {}
+    loaded: list[tuple[int, np.ndarray | str]] = []
+    for index in chunk:
+        item = items[index]
+        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
+        if key not in decoded:
+            try:
+                decoded[key] = _load(item)
+            except JaxdreamError as error:
+                decoded[key] = str(error)
+            except OSError as error:
+                decoded[key] = _read_failure(item.input, error)
+        loaded.append((index, decoded[key]))
+    return loaded
 
 
 def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
@@ -226,10 +260,11 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, item in enumerate(items):
         recipe = item.recipe
-        groups.setdefault((recipe.model, recipe.static_settings()), []).append(index)
+        groups.setdefault((recipe.model, static_settings(recipe)), []).append(index)
 
-    bar = tqdm(total=len(items), unit="img", disable=not progress, file=sys.stderr,
-               desc="dreaming")
+    # No bar without items: tqdm would draw an empty one at start and again at close.
+    bar = tqdm(total=len(items), unit="img", disable=not progress or not items,
+               file=sys.stderr, desc="dreaming")
     try:
         for (model_name, settings), members in groups.items():
             todo: list[int] = []
@@ -249,26 +284,15 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             for chunk in _chunks(todo, CHUNK):
                 images: list[np.ndarray] = []
                 loaded: list[int] = []
-                # The variants of a grid share their photo: read and check it once per chunk.
-                decoded: dict[tuple[Any, ...], np.ndarray | str] = {}
-                for index in chunk:
-                    item = items[index]
-                    key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
-                    if key not in decoded:
-                        try:
-                            decoded[key] = _load(item)
-                        except JaxdreamError as error:
-                            decoded[key] = str(error)
-                        except OSError as error:
-                            decoded[key] = _read_failure(item.input, error)
-                    image = decoded[key]
+                for index, image in _load_chunk(items, chunk):
                     if isinstance(image, str):
+                        item = items[index]
                         finish(index, Outcome(item.input, None, "failed", image, item.id))
                         bar.update(1)
                     else:
                         images.append(image)
                         loaded.append(index)
-                params = [items[index].recipe.item_params() for index in loaded]
+                params = [item_params(items[index].recipe) for index in loaded]
                 batch_start = time.perf_counter()
                 for slot, result in engine.render_iter(images, params):
                     index = loaded[slot]
@@ -302,100 +326,13 @@ def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float) -> Ou
     return Outcome(item.input, item.output, "done", "", item.id, seconds)
 
 
-def dream_files(inputs: Sequence[str], outdir: str | os.PathLike[str], recipe: Recipe, *,
-                weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                batch_size: int | None = None,
-                overwrite: bool = False, progress: bool = True,
-                report: Callable[[str], None] | None = None) -> Report:
-    """Dreams every input into ``outdir`` with one recipe; one outcome per input, in order."""
-    out = Path(outdir)
-    if out.exists() and not out.is_dir():
-        raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    items, failures = plan(inputs, out, [(recipe, {})], weights=weights, max_pixels=max_pixels)
-    say = report or (lambda line: tqdm.write(line, file=sys.stderr))
-    for failure in failures:
-        say(f"error: {failure.reason}")
-    result = render_items(items, weights=weights, batch_size=batch_size, overwrite=overwrite,
-                          progress=progress, report=report)
-    by_input = {outcome.input: outcome for outcome in [*failures, *result.outcomes]}
-    result.outcomes = [by_input[path] for path in inputs if path in by_input]
-    return result
-
-
-#: Above this many outputs the gallery is not written: a page of 100,000 thumbnails helps no
-#: one, and the manifest lists every output anyway.
-GALLERY_LIMIT = 2000
-
-
-def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
-                       outcomes: Sequence[Outcome], *,
-                       report: Callable[[str], None] | None = None) -> Path | None:
-    """Writes a contact sheet per input (when the job has a grid) and ``OUTDIR/index.html``.
-
-    Returns the gallery's path, or None when the job is too big for one page (or it could not
-    be written). A sheet that cannot be written is reported (an ``error:`` line) and does not
-    stop the others: the dreams themselves are already safe on disk. Outcomes of inputs that
-    failed before they became items (missing, unreadable, a device) are listed as failures,
-    so the gallery, the summary and the manifest agree.
-    """
-    from jaxdream.gallery import GalleryEntry, Tile, contact_sheet, write_gallery
-
-    say = report or (lambda line: print(line, file=sys.stderr))
-    by_id = {outcome.id: outcome for outcome in outcomes if outcome.id}
-    entries: list[GalleryEntry] = []
-    if config.grid:
-        per_input: dict[str, list[WorkItem]] = {}
-        for item in items:
-            per_input.setdefault(item.input, []).append(item)
-        for path, group in per_input.items():
-            if len(group) != len(config.variants):
-                continue
-            tiles = [Tile(item.output, item.point, by_id[item.id].status if item.id in by_id
-                          else "missing") for item in group]
-            stem = group[0].output.name.rsplit("_dream", 1)[0]
-            sheet = group[0].output.parent / f"{stem}_grid.png"
-            try:
-                contact_sheet(tiles, config.grid, sheet,
-                              title=f"{Path(path).name}: {group[0].recipe.model}")
-            except (JaxdreamError, OSError) as error:
-                say(f"error: contact sheet {sheet}: {error}")
-                continue
-            entries.append(GalleryEntry(sheet, Path(path).name, {"grid": " x ".join(
-                name for name, _ in config.grid)}, "done", kind="sheet"))
-    if len(items) > GALLERY_LIMIT:
-        say(f"note: {len(items)} outputs, more than {GALLERY_LIMIT}: no index.html written "
-            f"(the manifest lists every output)")
-        return None
-    for item in items:
-        outcome = by_id.get(item.id)
-        params = {"layers": item.recipe.layers_text, "steps": item.recipe.steps,
-                  "octaves": item.recipe.octaves, "step_size": item.recipe.step_size,
-                  "seed": item.recipe.seed, **item.point}
-        entries.append(GalleryEntry(item.output, Path(item.input).name, params,
-                                    outcome.status if outcome else "missing",
-                                    outcome.reason if outcome else ""))
-    planned = {item.id for item in items}
-    for outcome in outcomes:  # inputs that failed before they became items
-        if outcome.status == "failed" and outcome.id not in planned:
-            entries.append(GalleryEntry(config.output / Path(outcome.input).name,
-                                        outcome.input, {}, "failed", outcome.reason))
-    try:
-        return write_gallery(config.output, entries, title=f"jaxdream: {config.source}")
-    except (JaxdreamError, OSError) as error:
-        say(f"error: gallery not written: {error}")
-        return None
-
-
 def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite: bool = False,
-                 progress: bool = True, report: Callable[[str], None] | None = None
-                 ) -> tuple[Report, Path | None]:
+                 progress: bool = True, report: Callable[[str], None] | None = None,
+                 gallery: bool = True) -> tuple[Report, Path | None]:
     """Runs a job config in this process (no Ray): every input under every grid variant,
-    then contact sheets and the gallery. Returns the report and the gallery's path."""
-    out = config.output
-    if out.exists() and not out.is_dir():
-        raise JaxdreamError(f"output folder {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    then (with ``gallery``) contact sheets and the gallery. Returns the report and the
+    gallery's path. ``jaxdream dream`` runs this, from a config file or from its options."""
+    output_folder(config.output)
     items, failures = plan_items(config)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     for failure in failures:
@@ -404,10 +341,14 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
                           batch_size=batch_size or config.job.batch_size, overwrite=overwrite,
                           progress=progress, report=report)
     result.outcomes = [*failures, *result.outcomes]
-    counted = _ErrorCounter(say)
-    gallery = sheets_and_gallery(config, items, result.outcomes, report=counted)
+    if not gallery:
+        return result, None
+    from jaxdream.gallery import sheets_and_gallery
+
+    counted = _ErrorCounter(report or (lambda line: tqdm.write(line, file=sys.stderr)))
+    path = sheets_and_gallery(config, items, result.outcomes, report=counted)
     result.problems += counted.errors
-    return result, gallery
+    return result, path
 
 
 class _ErrorCounter:

@@ -131,9 +131,11 @@ def test_colliding_names_get_distinct_deterministic_outputs(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    (["--steps", "0"], "steps"),
-    (["--octave-scale", "1.0"], "octave_scale"),
-    (["--step-size", "0"], "step_size"),
+    (["--steps", "0"], "--steps: must be"),
+    (["--octave-scale", "1.0"], "--octave-scale: must be"),
+    (["--step-size", "0"], "--step-size: must be"),
+    (["--channels", "3,x"], "--channels: expected integers"),
+    (["--max-pixels", "100"], "--max-pixels: must be at least 256"),
     (["--layers", "block99"], "unknown endpoint 'block99'"),
     (["--layers", "block8:x"], "block8:x"),
     (["--preset", "nope"], "unknown preset"),
@@ -231,12 +233,22 @@ grid:
     assert "chelsea_grid.png" in page and "coffee_dream_2.png" in page
 
 
-def test_config_and_recipe_options_conflict(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_options_override_a_config_and_inputs_conflict_with_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jaxdream.cli import build_parser, job_config
+
     config = tmp_path / "c.yaml"
-    config.write_text(f"inputs: {EXAMPLES / 'chelsea.jpg'}\noutput: {tmp_path}\n")
-    assert main(["dream", "--config", str(config), "--steps", "3"]) == 2
-    assert "--steps" in capsys.readouterr().err
+    config.write_text(f"inputs: {EXAMPLES / 'chelsea.jpg'}\noutput: {tmp_path}\n"
+                      f"dream: {{steps: 5, seed: 4}}\n")
+    resolved = job_config(build_parser().parse_args(
+        ["dream", "--config", str(config), "--steps", "3", "--preset", "lapnorm"]))
+    recipe = resolved.variants[0].recipe
+    assert (recipe.steps, recipe.seed, recipe.normaliser) == (3, 4, "laplacian"), \
+        "defaults, then the preset, then the config, then the options"
+    assert main(["dream", "--config", str(config), "--steps", "0"]) == 2
+    assert "--steps: must be between 1 and 10000" in capsys.readouterr().err
+    assert main(["dream", "--config", str(config), "photo.jpg"]) == 2
+    assert "photo.jpg" in capsys.readouterr().err
     config.write_text("inputs: x.jpg\noutput: o\ndream: {stpes: 3}\n")
     assert main(["dream", "--config", str(config)]) == 2
     err = capsys.readouterr().err
@@ -257,8 +269,8 @@ def test_the_hostile_corpus_through_dream_renders_the_good_and_reports_each_bad(
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     written = set(captured.out.split())
     good = [case for case in cases if case.should_load]
-    # A folder given as input is a folder of inputs (here an empty one), not a bad image.
-    bad = [case for case in cases if not case.should_load and not case.path.is_dir()]
+    # A folder given as input is a folder of inputs; an empty one is a failed input too.
+    bad = [case for case in cases if not case.should_load]
     assert len(cases) >= 50 and len(good) >= 20 and len(bad) >= 20
     assert len(written) == len(good), "every good file renders"
     assert all(Path(path).is_file() and Path(path).parent == out for path in written)
@@ -267,8 +279,9 @@ def test_the_hostile_corpus_through_dream_renders_the_good_and_reports_each_bad(
     for case in bad:  # each bad file: exactly one line, naming it (escaped), with its reason
         mine = [line for line in errors if _display(case.path) in line]
         assert len(mine) == 1, (case.description, mine)
-        if case.reason:
-            assert case.reason in mine[0], (case.description, mine[0])
+        reason = "holds no image file" if case.path.is_dir() else case.reason
+        if reason:
+            assert reason in mine[0], (case.description, mine[0])
     assert len(errors) == len(bad)
     # Nothing else was written: no partial files, no temporaries.
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == []
@@ -322,3 +335,26 @@ def test_a_full_disk_fails_clearly_leaves_nothing_partial_and_a_rerun_finishes(
     assert main(["dream", *inputs, "-o", str(out), *FAST]) == 0
     assert "1 skipped" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["chelsea_dream.png", "coffee_dream.png"]
+
+
+def test_an_input_that_yields_no_image_is_a_failed_input(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "folder.jpg").mkdir()
+    inputs = [str(EXAMPLES / "chelsea.jpg"), str(tmp_path / "empty"), str(tmp_path / "folder.jpg"),
+              str(tmp_path / "*.webp")]
+    assert main(["dream", *inputs, "-o", str(tmp_path / "out"), *FAST]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, err
+    assert "empty holds no image file" in errors[0] and "folder.jpg holds no" in errors[1]
+    assert "*.webp matches no image file" in errors[2]
+    assert "dreamed 1 image(s)" in err and "(3 failed, 0 skipped)" in err
+
+
+def test_with_no_image_to_dream_no_progress_bar_is_drawn(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["dream", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "dreaming" not in err and err.count("holds no image file") == 1, err

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxdream.config import (DREAM_KEYS, GRID_KEYS, JOB_KEYS, MAX_VARIANTS, TOP_KEYS, JobConfig,
-                             JobSettings, expand_inputs, load_config)
+                             JobSettings, load_config)
 from jaxdream.errors import ConfigError
+from jaxdream.inputs import expand_inputs
 from jaxdream.models import MODELS
 from jaxdream.recipe import Recipe
 
@@ -131,9 +132,47 @@ def test_overrides_replace_file_values(tmp_path: Path) -> None:
                   seed=None, workers=2)
     assert config.output == Path("elsewhere")
     assert config.variants[0].recipe.steps == 5 and config.job.workers == 2
-    assert "job.yaml: dream.steps: must be between 1 and 10000" in error_of(tmp_path, BASE,
-                                                                            steps=-1)
+    with pytest.raises(ConfigError, match="^--steps: must be between 1 and 10000"):
+        load(tmp_path, BASE, steps=-1)  # an override is named as the option that gave it
     assert "unknown setting" in error_of(tmp_path, BASE, stpes=3)
+
+
+def _recipe_png(folder: Path, **values: Any) -> str:
+    import numpy as np
+
+    from jaxdream.images import save_png
+
+    recipe = {"jaxdream": "0", "model": "efficientnet_lite0", "weights_sha256": "ab" * 32,
+              "layers": {"block8": 1.0}, "steps": 7, "seed": 3, "preset": "lapnorm", **values}
+    path = folder / "made.png"
+    save_png(path, np.zeros((16, 16, 3), np.uint8), recipe)
+    return str(path)
+
+
+def test_settings_resolve_defaults_preset_recipe_config_options_in_that_order(
+        tmp_path: Path) -> None:
+    png = _recipe_png(tmp_path)
+    config = load_config(write(tmp_path, BASE + "dream: {seed: 4}\n"), {"jitter": 5},
+                         recipe=png)
+    recipe = config.variants[0].recipe
+    # preset lapnorm (from the PNG), the PNG's steps and layers, the config's seed, the option.
+    assert (recipe.normaliser, recipe.steps, recipe.layers, recipe.seed, recipe.jitter) == (
+        "laplacian", 7, (("block8", 1.0),), 4, 5)
+    assert recipe.octaves == Recipe().octaves
+    assert config.recipe_weights_sha256 == "ab" * 32 and config.recipe == png
+    other = load_config(write(tmp_path, BASE + "model: efficientnet_lite1\n"), recipe=png)
+    assert other.recipe_weights_sha256 is None, "another model: other weights"
+    assert other.variants[0].recipe.layers == ((MODELS["efficientnet_lite1"].default_layers,
+                                                1.0),), "another model: its own layer"
+
+
+def test_a_bad_recipe_value_names_the_png(tmp_path: Path) -> None:
+    png = _recipe_png(tmp_path, steps=0)
+    with pytest.raises(ConfigError, match=f"^recipe {png}: steps: must be between"):
+        load_config(write(tmp_path, BASE), recipe=png)
+    with pytest.raises(ConfigError, match="cannot be combined with --recipe"):
+        load_config(write(tmp_path, BASE + "dream: {preset: classic}\n"), recipe=_recipe_png(
+            tmp_path))
 
 
 # --- inputs ----------------------------------------------------------------------------------

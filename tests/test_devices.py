@@ -17,7 +17,7 @@ sys.path.insert(0, sys.argv[1])
 import jax, numpy as np
 from conftest import tiny_spec, random_module
 from pathlib import Path
-from jaxdream.dream import StaticSettings
+from jaxdream.ascent import StaticSettings
 from jaxdream.engine import Engine, ItemParams
 from jaxdream.models import LoadedModel
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdream.dream import (SampleParams, StaticSettings, dream, gradient_ascent_step,
+from jaxdream.ascent import (SampleParams, StaticSettings, dream, gradient_ascent_step,
                             octave_shapes, pixel_mask, sample_params, update_rule)
 from jaxdream.engine import Engine, ItemParams
 from jaxdream.errors import ConfigError
@@ -223,7 +223,7 @@ def test_a_grid_over_dynamic_parameters_compiles_once(tiny_model: LoadedModel) -
 
 
 def test_tile_starts_cover_with_equal_tiles() -> None:
-    from jaxdream.dream import tile_starts
+    from jaxdream.ascent import tile_starts
 
     assert tile_starts(100, 128) == [0]
     assert tile_starts(1000, 512) == [0, 488]
@@ -247,7 +247,7 @@ def test_one_tile_is_the_untiled_gradient(tiny_model: LoadedModel) -> None:
 
 
 def test_tiled_gradient_is_the_sum_of_each_tiles_gradient(tiny_model: LoadedModel) -> None:
-    from jaxdream.dream import _tiled_gradient, pixel_mask, tile_starts
+    from jaxdream.ascent import _tiled_gradient, pixel_mask, tile_starts
     from jaxdream.objectives import evaluate
 
     settings = StaticSettings(("block2",), tile_size=32, tile_above=40, tile_group=4)
@@ -286,7 +286,7 @@ def test_tiled_step_keeps_the_step_size(tiny_model: LoadedModel) -> None:
 
 
 def test_laplacian_split_and_merge_are_exact_inverses() -> None:
-    from jaxdream.dream import _laplacian_merge, _laplacian_split
+    from jaxdream.ascent import _laplacian_merge, _laplacian_split
 
     x = jnp.asarray(_image(60, (37, 50)))
     low, high = _laplacian_split(x)

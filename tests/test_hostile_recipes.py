@@ -15,8 +15,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from jaxdream.cli import main
 from jaxdream.errors import ConfigError
-from jaxdream.objectives import channel, parse_layers, term_params
-from jaxdream.recipe import Recipe
+from jaxdream.objectives import channel, term_params
+from jaxdream.recipe import Recipe, parse_layers
 
 from conftest import EXAMPLES
 
@@ -50,7 +50,7 @@ def test_infinite_layer_weight_names_the_recipe_and_the_problem(
     png = recipe_png(tmp_path / "r.png", '{"model": "efficientnet_lite0", '
                                          '"layers": {"block8": 1e400}}')
     line = error_line(capsys, dream_with(png, tmp_path))
-    assert f"recipe {png}: layers: the weight of 'block8' is too large" in line, line
+    assert f"recipe {png}: layers.block8: weight is too large" in line, line
     assert "infinity" in line and "block8:inf" not in line
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from jaxdream import jobs
 from jaxdream.config import JobSettings, load_config
+from jaxdream.files import display
 from jaxdream.recipe import Recipe
 from jaxdream.render import Outcome, WorkItem
 
@@ -122,7 +123,7 @@ def test_temporaries_of_interrupted_writes_are_removed_and_nothing_else(tmp_path
 
 
 def test_one_line_escapes_control_characters() -> None:
-    assert jobs.one_line("bad\nname\x1b[31m.png: text") == "bad\\x0aname\\x1b[31m.png: text"
+    assert display("bad\nname\x1b[31m.png: text") == "bad\\nname\\x1b[31m.png: text"
 
 
 def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path) -> None:
@@ -135,7 +136,7 @@ def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(unit_size=2),
                                                                      tmp_path)
     lines: list[str] = []
-    driver = jobs._Driver(config, items, writer, summary, say=lines.append, progress=False,
+    driver = jobs.Scheduler(config, items, writer, summary, say=lines.append, progress=False,
                           on_rows=None, worker_wait_s=1)
     unit = driver.queue.popleft()
     full = f"{tmp_path}/b_dream.png: cannot write: {os.strerror(errno.ENOSPC)}"
@@ -157,13 +158,13 @@ def test_a_job_whose_workers_all_died_stops_and_leaves_the_rest_to_resume(
     writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, [])
     summary = jobs.JobSummary()
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(), tmp_path)
-    driver = jobs._Driver(config, items, writer, summary, say=print, progress=False,
+    driver = jobs.Scheduler(config, items, writer, summary, say=print, progress=False,
                           on_rows=None, worker_wait_s=3600)
-    driver.slots = [jobs._Slot(handle=None, state="ready"), jobs._Slot(handle=None)]
+    driver.pool.workers = [jobs.Worker(handle=None, state="ready"), jobs.Worker(handle=None)]
     driver._check_workers()
     assert not summary.stopped
-    driver.slots[0].state = driver.slots[1].state = "dead"
-    driver.last_death = "ActorDiedError: out of memory"
+    driver.pool.workers[0].state = driver.pool.workers[1].state = "dead"
+    driver.pool.last_death = "ActorDiedError: out of memory"
     driver._check_workers()
     writer.close()
     assert summary.stopped == "no worker left (last: ActorDiedError: out of memory)"
@@ -386,7 +387,7 @@ def test_hostile_corpus_through_a_private_local_ray(tmp_path: Path) -> None:
         else:
             assert row["status"] == "failed" and row["output"] is None, case.description
             assert row["error"] and "\n" not in row["error"], case.description
-            assert sum(jobs.one_line(row["error"]) in line for line in errors) == 1, (
+            assert sum(display(row["error"]) in line for line in errors) == 1, (
                 case.description)
     assert len(errors) == sum(not case.should_load for case in cases)
     pngs = [name for name in os.listdir(outdir) if name.endswith(".png")]

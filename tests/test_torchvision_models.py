@@ -113,6 +113,8 @@ def test_the_catalogue_matches_the_registry(capsys: pytest.CaptureFixture[str]) 
     for name, spec in MODELS.items():
         assert f"{name}: {spec.description}" in listing
         assert f"default layer: {spec.default_layers}" in listing
+    # The last line names the devices JAX sees (so a user can tell whether a GPU is used).
+    assert listing.strip().splitlines()[-1].startswith("devices: ")
     for name in ("googlenet", "vgg16", "resnet50"):
         assert main(["models", name]) == 0
         detail = capsys.readouterr().out

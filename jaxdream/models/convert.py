@@ -8,32 +8,16 @@ are collected and raised together so a user with the wrong checkpoint sees the w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxdream.errors import ConversionError
+from jaxdream.models.keys import KeyMap
 
-KeyMapEntry = tuple[tuple[str | int, ...], str, tuple[int, ...] | None]
-KeyMap = Sequence[KeyMapEntry]
 _Path = tuple[str | int, ...]
-
-#: PyTorch conv weight OIHW -> JAX HWIO (also right for depthwise (C,1,k,k) -> (k,k,1,C)).
-OIHW_TO_HWIO = (2, 3, 1, 0)
-#: PyTorch Linear weight (out, in) -> (in, out).
-OUT_IN_TO_IN_OUT = (1, 0)
-
-
-def conv_bn_entries(target: tuple[str | int, ...], conv: str, bn: str) -> list[KeyMapEntry]:
-    """Key-map entries of a :class:`~jaxdream.models.layers.ConvBN` from a PyTorch conv
-    (``{conv}.weight``) and BatchNorm (``{bn}.weight/bias/running_mean/running_var``)."""
-    return [((*target, "kernel"), f"{conv}.weight", OIHW_TO_HWIO),
-            ((*target, "scale"), f"{bn}.weight", None),
-            ((*target, "bias"), f"{bn}.bias", None),
-            ((*target, "mean"), f"{bn}.running_mean", None),
-            ((*target, "var"), f"{bn}.running_var", None)]
 
 _MAX_LISTED = 20
 

@@ -51,6 +51,13 @@ def compute_dtype(dtype: Any) -> Iterator[None]:
         _COMPUTE_DTYPE.reset(token)
 
 
+def cast_to_compute_dtype(x: jax.Array) -> jax.Array:
+    """``x`` in the dtype set by :func:`compute_dtype` (unchanged when none is set); for
+    models that run their own layer loop instead of :func:`run_stages`."""
+    dtype = _COMPUTE_DTYPE.get()
+    return x if dtype is None else x.astype(dtype)
+
+
 def run_stages(stages: Iterable[Stage], x: jax.Array, order: Sequence[str],
                endpoints: Collection[str] | None) -> dict[str, jax.Array]:
     """Runs a model's named stages in order and stops after the deepest requested endpoint.

@@ -21,14 +21,17 @@ Only ResNet-50 is exported; ResNet-101 and -152 differ only in ``ResNetConfig.la
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Collection, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.convert import OUT_IN_TO_IN_OUT, conv_bn_entries
+# The configuration, endpoints and key map live in the light spec module.
+from jaxdream.models.resnet_spec import (  # noqa: F401  (part of this module's API)
+    DEFAULT_LAYERS, EXPANSION, OFFICIAL_WEIGHTS, PREPROCESSING, RESNET50, ResNetConfig,
+    endpoint_table, ignored_key, key_map,
+)
 from jaxdream.models.layers import (
     IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, run_stages,
 )
@@ -36,29 +39,6 @@ from jaxdream.models.layers import (
 
 #: torchvision's BatchNorm2d default.
 BN_EPS = 1e-5
-
-#: Bottleneck output channels are ``planes * EXPANSION``.
-EXPANSION = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class ResNetConfig:
-    """A bottleneck ResNet: blocks per stage, base width, classes."""
-
-    layers: tuple[int, int, int, int] = (3, 4, 6, 3)
-    stem_channels: int = 64
-    #: Bottleneck width of the first stage; doubles with every stage.
-    base_planes: int = 64
-    num_classes: int = 1000
-
-    def stage_planes(self) -> list[int]:
-        return [self.base_planes * 2 ** i for i in range(len(self.layers))]
-
-    def stage_strides(self) -> list[int]:
-        return [1] + [2] * (len(self.layers) - 1)
-
-
-RESNET50 = ResNetConfig(layers=(3, 4, 6, 3))
 
 
 class Bottleneck(nnx.Module):
@@ -136,65 +116,3 @@ class ResNet(nnx.Module):
 def build(rngs: nnx.Rngs) -> nnx.Module:
     """torchvision's ``resnet50``."""
     return ResNet(RESNET50, rngs=rngs)
-
-
-def endpoint_table(config: ResNetConfig = RESNET50) -> dict[str, tuple[int, int]]:
-    """Endpoint name -> (channels, stride relative to the input); stride 0 for ``logits``.
-
-    A stage's name follows its last block, with the same entry (it is the same array).
-    """
-    table: dict[str, tuple[int, int]] = {"conv1": (config.stem_channels, 2),
-                                         "maxpool": (config.stem_channels, 4)}
-    stride = 4
-    for s, (planes, stage_stride, blocks) in enumerate(
-            zip(config.stage_planes(), config.stage_strides(), config.layers), 1):
-        stride *= stage_stride
-        for b in range(blocks):
-            table[f"layer{s}.{b}"] = (planes * EXPANSION, stride)
-        table[f"layer{s}"] = (planes * EXPANSION, stride)
-    table["logits"] = (config.num_classes, 0)
-    return table
-
-
-def key_map(config: ResNetConfig = RESNET50) -> list[tuple[tuple[str | int, ...], str,
-                                                         tuple[int, ...] | None]]:
-    """(target parameter path, checkpoint key, transpose) for every parameter of the model."""
-    entries: list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]] = []
-
-    def conv_bn(target: tuple[str | int, ...], conv: str, bn: str) -> None:
-        entries.extend(conv_bn_entries(target, conv, bn))
-
-    conv_bn(("conv1",), "conv1", "bn1")
-    channels = config.stem_channels
-    for s, (planes, stride, blocks) in enumerate(
-            zip(config.stage_planes(), config.stage_strides(), config.layers), 1):
-        for b in range(blocks):
-            prefix, target = f"layer{s}.{b}", (f"layer{s}", b)
-            for i in (1, 2, 3):
-                conv_bn((*target, f"conv{i}"), f"{prefix}.conv{i}", f"{prefix}.bn{i}")
-            if b == 0 and (stride != 1 or channels != planes * EXPANSION):
-                conv_bn((*target, "downsample"), f"{prefix}.downsample.0",
-                        f"{prefix}.downsample.1")
-            channels = planes * EXPANSION
-    entries.append((("fc", "kernel"), "fc.weight", OUT_IN_TO_IN_OUT))
-    entries.append((("fc", "bias"), "fc.bias", None))
-    return entries
-
-
-def ignored_key(key: str) -> bool:
-    """Checkpoint entries that carry no inference parameter: BatchNorm's update counter."""
-    return key.endswith(".num_batches_tracked")
-
-
-#: Layer to dream on by default: ``layer3``, the mid-level stage that pytorch-deepdream uses
-#: for its ResNet-50 images (its README exposes layer1..layer4 and calls ResNet-50 "nice for
-#: mid-level features"; its showcase and video settings use ``layer3``).
-DEFAULT_LAYERS = "layer3"
-
-#: One line for the model catalogue.
-PREPROCESSING = ("(x / 255 - mean) / std on RGB 0..255, ImageNet mean (0.485, 0.456, 0.406) "
-                 "std (0.229, 0.224, 0.225); PyTorch symmetric padding")
-
-#: torchvision's ResNet50_Weights.IMAGENET1K_V1 (the classic 76.13% top-1 weights) and the
-#: hash prefix in its file name.
-OFFICIAL_WEIGHTS = ("https://download.pytorch.org/models/resnet50-0676ba61.pth", "0676ba61")

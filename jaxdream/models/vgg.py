@@ -35,49 +35,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdream.models.convert import OIHW_TO_HWIO, OUT_IN_TO_IN_OUT
+# The layer table, endpoints and key map live in the light spec module.
+from jaxdream.models.vgg_spec import (  # noqa: F401  (part of this module's API)
+    _CONFIG_D, DEFAULT_LAYERS, ENDPOINTS, FC_WIDTH, NUM_CLASSES, OFFICIAL_WEIGHTS, POOLED_SIZE,
+    PREPROCESSING, _layers, endpoint_table, ignored_key, key_map,
+)
 from jaxdream.models.layers import (
     IMAGENET_MEAN, IMAGENET_STD, Conv, adaptive_avg_pool, max_pool, run_stages,
 )
 
-#: Configuration "D": output channels of each 3x3 convolution, "M" for a 2x2/2 max pool.
-_CONFIG_D: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                                    512, 512, 512, "M", 512, 512, 512, "M")
-
 
 #: ImageNet statistics torchvision's weights were trained with (RGB, 0..1 scale).
-
-#: Spatial size of the map fed to the classifier (torchvision's ``AdaptiveAvgPool2d((7, 7))``).
-POOLED_SIZE = (7, 7)
-NUM_CLASSES = 1000
-FC_WIDTH = 4096
-
-#: pytorch-deepdream's default for VGG16 (``--layers_to_use relu4_3``, the same tensor).
-DEFAULT_LAYERS = "conv4_3"
-PREPROCESSING = "(x / 255 - ImageNet mean) / ImageNet std on RGB 0..255, torchvision VGG16"
-#: torchvision's ``VGG16_Weights.IMAGENET1K_V1``: URL and the hash prefix in its file name.
-OFFICIAL_WEIGHTS = ("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af")
-
-
-def _layers() -> list[tuple[str, int, int | None]]:
-    """(endpoint name, index in torchvision's ``features``, output channels or None for a pool).
-
-    The index is that of the convolution (whose ReLU is the next index) or of the pool.
-    """
-    layers: list[tuple[str, int, int | None]] = []
-    stage, conv_in_stage, index = 1, 1, 0
-    for entry in _CONFIG_D:
-        if entry == "M":
-            layers.append((f"pool{stage}", index, None))
-            stage, conv_in_stage, index = stage + 1, 1, index + 1
-        else:
-            layers.append((f"conv{stage}_{conv_in_stage}", index, int(entry)))
-            conv_in_stage, index = conv_in_stage + 1, index + 2  # conv, then its ReLU
-    return layers
-
-
-#: Every endpoint in forward order.
-ENDPOINTS: tuple[str, ...] = (*(name for name, _, _ in _layers()), "fc6", "fc7", "logits")
 
 
 class VGG16(nnx.Module):
@@ -134,41 +102,3 @@ def _flatten_nchw(x: jax.Array) -> jax.Array:
 def build(rngs: nnx.Rngs) -> nnx.Module:
     """A VGG16 with fresh random parameters (build it under ``nnx.eval_shape`` to load weights)."""
     return VGG16(rngs=rngs)
-
-
-def endpoint_table() -> dict[str, tuple[int, int]]:
-    """Endpoint name -> (channels, stride relative to the input); stride 0 when not spatial.
-
-    Pools floor odd sizes (no ``ceil_mode``), so a spatial endpoint is ``size // stride`` wide.
-    """
-    table: dict[str, tuple[int, int]] = {}
-    channels, stride = 3, 1
-    for name, _, out_channels in _layers():
-        if out_channels is None:
-            stride *= 2
-        else:
-            channels = out_channels
-        table[name] = (channels, stride)
-    table["fc6"] = (FC_WIDTH, 0)
-    table["fc7"] = (FC_WIDTH, 0)
-    table["logits"] = (NUM_CLASSES, 0)
-    return table
-
-
-def key_map() -> list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]]:
-    """(target parameter path, checkpoint key, transpose) for every parameter of the model."""
-    entries: list[tuple[tuple[str | int, ...], str, tuple[int, ...] | None]] = []
-    conv_indices = [index for _, index, channels in _layers() if channels is not None]
-    for i, index in enumerate(conv_indices):
-        entries.append((("convs", i, "kernel"), f"features.{index}.weight", OIHW_TO_HWIO))
-        entries.append((("convs", i, "bias"), f"features.{index}.bias", None))
-    # classifier = Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear.
-    for target, index in (("fc6", 0), ("fc7", 3), ("fc8", 6)):
-        entries.append(((target, "kernel"), f"classifier.{index}.weight", OUT_IN_TO_IN_OUT))
-        entries.append(((target, "bias"), f"classifier.{index}.bias", None))
-    return entries
-
-
-def ignored_key(key: str) -> bool:
-    """Checkpoint entries that carry no inference parameter: VGG16 without BN has none."""
-    return False

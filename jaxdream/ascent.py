@@ -1,5 +1,6 @@
 """The DeepDream math for ONE image: gradient step, octaves, tiles. Pure functions; vmap makes
-batches.
+batches. (The design guide calls this layer ``dream``; the module is ``ascent`` so that
+``jaxdream.dream`` can be the public function.)
 
 The classic algorithm is google/deepdream's ``dream.ipynb``: pixels on the 0..255 scale, a
 random roll (jitter) before each gradient evaluation, the step normalised by the mean absolute
@@ -33,6 +34,7 @@ import numpy as np
 import optax
 
 from jaxdream.objectives import TermParams, evaluate
+from jaxdream.recipe import NORMALISERS, UPDATES, Recipe
 
 Forward = Callable[[jax.Array], Mapping[str, jax.Array]]
 
@@ -43,22 +45,25 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 #: Bands of the Laplacian-pyramid normaliser (the TensorFlow 2016 notebook's ``lap_n``).
 LAPLACIAN_LEVELS = 4
 
+#: The recipe's defaults are the only defaults: a bare ``StaticSettings(layers)`` is classic.
+_DEFAULT = Recipe()
+
 
 @dataclasses.dataclass(frozen=True)
 class StaticSettings:
     """Settings that select a compiled program."""
 
     layers: tuple[str, ...]
-    octaves: int = 4
-    octave_scale: float = 1.4
-    steps: int = 10
-    #: Kind of every term, one per layer: "l2", "channel", "neuron" or "guide".
-    objective: str = "l2"
-    normaliser: str = "mean"
-    update: str = "ascent"
-    tile_size: int = 512
+    octaves: int = _DEFAULT.octaves
+    octave_scale: float = _DEFAULT.octave_scale
+    steps: int = _DEFAULT.steps
+    #: Kind of every term, one per layer (a key of ``recipe.OBJECTIVES``).
+    objective: str = _DEFAULT.objective
+    normaliser: str = _DEFAULT.normaliser
+    update: str = _DEFAULT.update
+    tile_size: int = _DEFAULT.tile_size
     #: Octaves whose longer side exceeds this are tiled; 0 never tiles.
-    tile_above: int = 0
+    tile_above: int = _DEFAULT.tile_above
     #: Tiles that go through the network together (vmapped); the rest loop. Memory, not pixels.
     tile_group: int = 4
 
@@ -146,6 +151,28 @@ def resize_real(x: jax.Array, size: jax.Array, shape: tuple[int, int], new_size:
 # Gradients
 
 
+@jax.custom_vjp
+def roll_image(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """``jnp.roll`` of an H x W x C image by a traced (rows, cols) ``shift``.
+
+    Its gradient is the inverse roll, a gather, where autodiff would transpose the roll's
+    dynamic slice into a scatter-add (under vmap, with per-image shifts): same values, no
+    scatter. On CPU, vmapped grad of a roll at 8 x 512 x 512 x 3 took 46 ms against 91 ms.
+    """
+    return jnp.roll(x, (shift[0], shift[1]), axis=(0, 1))
+
+
+def _roll_fwd(x: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return roll_image(x, shift), shift
+
+
+def _roll_bwd(shift: jax.Array, grad: jax.Array) -> tuple[jax.Array, None]:
+    return jnp.roll(grad, (-shift[0], -shift[1]), axis=(0, 1)), None
+
+
+roll_image.defvjp(_roll_fwd, _roll_bwd)
+
+
 def _objective_gradient(forward: Forward, settings: StaticSettings, x: jax.Array,
                         size: jax.Array, shift: jax.Array, terms: tuple[TermParams, ...]
                         ) -> jax.Array:
@@ -155,7 +182,7 @@ def _objective_gradient(forward: Forward, settings: StaticSettings, x: jax.Array
     centre = (size // 2 + shift) % jnp.asarray(x.shape[:2], jnp.int32)
 
     def objective(image: jax.Array) -> jax.Array:
-        rolled = jnp.roll(image, (shift[0], shift[1]), axis=(0, 1))
+        rolled = roll_image(image, shift)
         rolled_mask = jnp.roll(mask, (shift[0], shift[1]), axis=(0, 1))
         return evaluate(settings.structure, forward(rolled[None]), terms, rolled_mask[None],
                         centre[None])
@@ -324,13 +351,24 @@ def gaussian_smooth(steps: int) -> optax.GradientTransformation:
 def update_rule(settings: StaticSettings, step_size: jax.Array, mask: jax.Array
                 ) -> optax.GradientTransformation:
     """The optimiser of one octave: normaliser, then the ascent rule."""
-    shaping = {"mean": optax.identity(), "laplacian": laplacian_normalise(),
-               "gaussian": gaussian_smooth(settings.steps)}[settings.normaliser]
-    if settings.update == "adam":
-        # Adam's per-pixel update is about the learning rate in size, so the step size keeps
-        # its meaning (mean |change| per pixel per step), as in lucid's optimisation.
-        return optax.chain(shaping, scale_by_mean_abs(mask), optax.adam(step_size))
-    return optax.chain(shaping, scale_by_mean_abs(mask), optax.scale(-step_size))
+    shaping = _SHAPING[settings.normaliser](settings)
+    return optax.chain(shaping, scale_by_mean_abs(mask), _ASCENT[settings.update](step_size))
+
+
+#: The implementation of each kind that ``recipe.NORMALISERS`` and ``recipe.UPDATES`` name.
+_SHAPING: dict[str, Callable[[StaticSettings], optax.GradientTransformation]] = {
+    "mean": lambda settings: optax.identity(),
+    "laplacian": lambda settings: laplacian_normalise(),
+    "gaussian": lambda settings: gaussian_smooth(settings.steps),
+}
+_ASCENT: dict[str, Callable[[jax.Array], optax.GradientTransformation]] = {
+    "ascent": lambda step_size: optax.scale(-step_size),
+    # Adam's per-pixel update is about the learning rate in size, so the step size keeps
+    # its meaning (mean |change| per pixel per step), as in lucid's optimisation.
+    "adam": lambda step_size: optax.adam(step_size),
+}
+assert set(_SHAPING) == set(NORMALISERS) and set(_ASCENT) == set(UPDATES), \
+    "every kind the recipe offers needs an implementation here"
 
 
 # --------------------------------------------------------------------------------------------
