@@ -131,7 +131,7 @@ def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path
     way, and what is left is exactly what --resume renders."""
     items = [_item(name, outdir=tmp_path) for name in "abcd"]
     (tmp_path / "a_dream.png").write_bytes(b"png")
-    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, [])
+    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, tmp_path)
     summary = jobs.JobSummary()
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(unit_size=2),
                                                                      tmp_path)
@@ -155,7 +155,7 @@ def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path
 def test_a_job_whose_workers_all_died_stops_and_leaves_the_rest_to_resume(
         tmp_path: Path) -> None:
     items = [_item(name, outdir=tmp_path) for name in "abc"]
-    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, [])
+    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, tmp_path)
     summary = jobs.JobSummary()
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(), tmp_path)
     driver = jobs.Scheduler(config, items, writer, summary, say=print, progress=False,
