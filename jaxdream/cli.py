@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     dream.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse images whose header declares more than N pixels, before "
                             "decoding them (default 67108864 = 8192 x 8192)")
+    dream.add_argument("--max-file-bytes", type=int, default=None, metavar="N",
+                       help="refuse input files larger than N bytes, before reading them "
+                            "(default 268435456 = 256 MiB)")
     dream.add_argument("--batch-size", type=int, default=None,
                        help="images of one shape bucket dreamed together in one compiled "
                             "call (default: 1 on CPU, where batching does not pay, 8 on "
@@ -173,7 +176,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
             except ValueError:
                 raise JaxdreamError(f"--{name}: expected integers like 3,17, got "
                                     f"{brief(value)}") from None
-    settings.update(weights=args.weights, max_pixels=args.max_pixels)
+    settings.update(weights=args.weights, max_pixels=args.max_pixels,
+                    max_file_bytes=args.max_file_bytes)
     if args.config is not None:
         if args.inputs:
             raise JaxdreamError(f"--config names the inputs; remove {', '.join(args.inputs[:3])} "

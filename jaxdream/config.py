@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import yaml
 
 from jaxdream.errors import ConfigError, first_few
-from jaxdream.images import DEFAULT_MAX_PIXELS
+from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
 from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
 
@@ -77,6 +77,8 @@ class JobConfig:
     job: JobSettings
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Input files larger than this many bytes are refused before they are read.
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     #: SHA-256 of the weights a ``--recipe`` PNG was rendered with (None without one, or when
     #: the model differs from the PNG's); rendering with other weights is refused.
     recipe_weights_sha256: str | None = None
@@ -91,7 +93,8 @@ _JOB_TYPES = typing.get_type_hints(JobSettings)
 _JOB_MINIMUM = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 1,
                 "unit_size": 1, "retries": 0}
 _SECTIONS = ("dream", "grid", "job")
-_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels")
+_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels",
+               "max_file_bytes")
 TOP_KEYS = (*_VALUE_KEYS, *_SECTIONS)
 _FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 DREAM_KEYS = tuple(name for name in _FIELDS if name not in ("model", "max_side"))
@@ -424,6 +427,10 @@ class _Reader:
         max_pixels = self.typed(data.get("max_pixels", DEFAULT_MAX_PIXELS), int, "max_pixels")
         if max_pixels < 16 * 16:
             raise self.fail("max_pixels", f"must be at least 256 (16 x 16), got {max_pixels}")
+        max_file_bytes = self.typed(data.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES), int,
+                                    "max_file_bytes")
+        if max_file_bytes < 1024:
+            raise self.fail("max_file_bytes", f"must be at least 1024, got {max_file_bytes}")
 
         from_recipe = self.recipe_values(recipe, spec, same_model=model == recipe_model)
         values, where = self.settings(data, spec)
@@ -438,6 +445,7 @@ class _Reader:
         return JobConfig(source=self.source, inputs=inputs, output=Path(output), model=model,
                          weights=weights, variants=variants, grid=tuple(axes),
                          job=self.job(data), max_pixels=max_pixels,
+                         max_file_bytes=max_file_bytes,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
                          recipe=self.recipe_path)

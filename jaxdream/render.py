@@ -57,6 +57,8 @@ class WorkItem:
     input_sha256: str = ""
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Input files larger than this many bytes are refused before they are read.
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +130,14 @@ def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: str) -> str:
+def _file_sha256(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
     """SHA-256 of a regular file; a pipe, device, folder, empty file or one larger than
-    :data:`~jaxdream.images.DEFAULT_MAX_FILE_BYTES` is an ImageError (a named pipe called
+    ``max_file_bytes`` is an ImageError (a named pipe called
     photo.jpg must not hang the job, a 50 GB file must not be read to be refused)."""
     from jaxdream.images import _check_file_size, _open_regular_file
 
     with _open_regular_file(path, path) as handle:
-        _check_file_size(handle, path, DEFAULT_MAX_FILE_BYTES)
+        _check_file_size(handle, path, max_file_bytes)
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -145,7 +147,8 @@ def _read_failure(path: str, error: OSError) -> str:
 
 def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
          variants: Sequence[tuple[Recipe, Mapping[str, Any]]], *,
-         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
          ) -> tuple[list[WorkItem], list[Outcome]]:
     """Work items for every input under every recipe, and failures for unreadable inputs.
 
@@ -164,7 +167,7 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     failures: list[Outcome] = []
     for path, stem in zip(inputs, stems, strict=True):
         try:
-            digest = _file_sha256(path)
+            digest = _file_sha256(path, max_file_bytes)
         except JaxdreamError as error:
             failures.append(Outcome(path, None, "failed", str(error)))
             continue
@@ -176,7 +179,8 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
             items.append(WorkItem(
                 id=item_id(digest, recipe, identities[recipe.model], guide), input=path,
                 output=variant_path(out, stem, index, len(variants)), recipe=recipe,
-                point=dict(point), input_sha256=digest, max_pixels=max_pixels))
+                point=dict(point), input_sha256=digest, max_pixels=max_pixels,
+                max_file_bytes=max_file_bytes))
     return items, failures
 
 
@@ -197,14 +201,17 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
                 f"{actual[:16]}...; pass --weights with the matching file")
     items, failures = plan(inputs, config.output,
                            [(v.recipe, v.point) for v in config.variants],
-                           weights=config.weights, max_pixels=config.max_pixels)
+                           weights=config.weights, max_pixels=config.max_pixels,
+                           max_file_bytes=config.max_file_bytes)
     return items, [Outcome(entry, None, "failed", reason)
                    for entry, reason in unmatched or ()] + failures
 
 
 def _load(item: WorkItem) -> np.ndarray:
-    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels)
-    if item.input_sha256 and _file_sha256(item.input) != item.input_sha256:
+    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels,
+                     max_file_bytes=item.max_file_bytes)
+    if (item.input_sha256
+            and _file_sha256(item.input, item.max_file_bytes) != item.input_sha256):
         raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
     return image
 
@@ -222,7 +229,8 @@ def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
     loaded: list[tuple[int, np.ndarray | str]] = []
     for index in chunk:
         item = items[index]
-        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
+        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels,
+               item.max_file_bytes)
         if key not in decoded:
             try:
                 decoded[key] = _load(item)

@@ -197,3 +197,22 @@ def test_an_input_over_the_file_size_limit_is_refused_without_reading_it(
     assert errors == [f"error: {big}: file too large: 314572800 bytes exceeds the limit of "
                       f"268435456 (max_file_bytes; refused before reading)"], errors
     assert time.perf_counter() - started < 60
+
+
+def test_the_file_size_limit_is_settable_from_the_cli_and_a_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    photo = EXAMPLES / "chelsea.jpg"
+    size = photo.stat().st_size
+    assert main(["dream", str(photo), "-o", str(tmp_path / "a"), "--max-file-bytes",
+                 str(size - 1), *FAST]) == 1
+    assert f"file too large: {size} bytes exceeds the limit of {size - 1}" in \
+        capsys.readouterr().err
+    config = config_file(tmp_path / "c.yaml", str(photo), tmp_path / "b",
+                         max_file_bytes=size - 1)
+    assert main(["dream", "--config", str(config), "-q"]) == 1
+    assert f"exceeds the limit of {size - 1}" in capsys.readouterr().err
+    assert main(["dream", str(photo), "-o", str(tmp_path / "c"), "--max-file-bytes",
+                 str(size), *FAST]) == 0
+    config = config_file(tmp_path / "d.yaml", str(photo), tmp_path / "d", max_file_bytes=10)
+    assert main(["dream", "--config", str(config), "-q"]) == 2
+    assert "max_file_bytes: must be at least 1024, got 10" in capsys.readouterr().err
