@@ -29,7 +29,8 @@ from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_para
                              static_settings)
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import output_folder
-from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
+from jaxdream.images import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, load_rgb, save_png,
+                             to_uint8)
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
 
