@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxdream.errors import ConfigError, JaxdreamError
+from jaxdream.outdir import OutputBusy
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -37,6 +38,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip items the manifest records as done whose output exists; "
                              "render the rest")
+    parser.add_argument("--force", action="store_true",
+                        help="allow the filesystem root or the home folder itself as OUTDIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -62,8 +65,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         summary = jobs.run_job(config, address=args.address, resume=args.resume,
-                               progress=not args.quiet)
-    except ConfigError as error:
+                               progress=not args.quiet, force=args.force)
+    except (ConfigError, OutputBusy) as error:  # nothing ran: wrong options, or a busy folder
         print(f"error: {display(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except JaxdreamError as error:

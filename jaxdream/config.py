@@ -31,8 +31,8 @@ from typing import Any, NoReturn
 
 import yaml
 
-from jaxdream.errors import ConfigError
-from jaxdream.images import DEFAULT_MAX_PIXELS
+from jaxdream.errors import ConfigError, first_few
+from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
 from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
 
@@ -77,6 +77,8 @@ class JobConfig:
     job: JobSettings
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Input files larger than this many bytes are refused before they are read.
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     #: SHA-256 of the weights a ``--recipe`` PNG was rendered with (None without one, or when
     #: the model differs from the PNG's); rendering with other weights is refused.
     recipe_weights_sha256: str | None = None
@@ -91,7 +93,8 @@ _JOB_TYPES = typing.get_type_hints(JobSettings)
 _JOB_MINIMUM = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 1,
                 "unit_size": 1, "retries": 0}
 _SECTIONS = ("dream", "grid", "job")
-_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels")
+_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels",
+               "max_file_bytes")
 TOP_KEYS = (*_VALUE_KEYS, *_SECTIONS)
 _FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 DREAM_KEYS = tuple(name for name in _FIELDS if name not in ("model", "max_side"))
@@ -131,6 +134,50 @@ def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
     return sizes[id(node)]
 
 
+def _duplicate_key(node: yaml.Node, path: str, seen: set[int]) -> str | None:
+    """The first key written twice in one mapping, as ``path (lines A and B)``, or None. Nodes
+    reached again through an alias are walked once, so an alias bomb costs its size on disk."""
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            child = f"{path}.{name}" if path else name
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                line = key.start_mark.line + 1
+                if (key.tag, key.value) in first:
+                    return (f"{_show(child)[1:-1]}: duplicate key (lines "
+                            f"{first[key.tag, key.value]} and {line}); give each key once")
+                first[key.tag, key.value] = line
+            children.append((child, value))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+    for child, value in children:
+        found = _duplicate_key(value, child, seen)
+        if found:
+            return found
+    return None
+
+
+def _load_unique_keys(source: str, text: str) -> Any:
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently, so ``output:`` written twice would quietly change where results go)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        duplicate = _duplicate_key(node, "", set())
+        if duplicate:
+            raise ConfigError(f"{source}: {duplicate}")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(source: str) -> dict[Any, Any]:
     try:
         with open(source, "rb") as file:
@@ -141,7 +188,7 @@ def _read_yaml(source: str) -> dict[Any, Any]:
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError(f"{source}: too large for a config (over {MAX_FILE_BYTES} bytes)")
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
+        data = _load_unique_keys(source, raw.decode("utf-8"))
         size = _expanded_size(data, {})
     except UnicodeDecodeError as error:
         raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
@@ -242,6 +289,9 @@ class _Reader:
                 if not isinstance(name, str):
                     raise self.fail(path, f"layer names must be text, got {_show(name)}")
                 weights[name] = self.typed(weight, float, f"{path}.{name}")
+                if math.isinf(weights[name]):  # JSON's and YAML's 1e400 read as infinity
+                    raise self.fail(f"{path}.{name}", "weight is too large (it overflows to "
+                                                      "infinity); give a finite number")
                 if not math.isfinite(weights[name]):
                     raise self.fail(f"{path}.{name}", f"weight must be finite, got {weight}")
             value = format_layers(weights)
@@ -299,7 +349,8 @@ class _Reader:
             return {}
         unknown = sorted(set(recipe) - set(_FIELDS) - _META_KEYS)
         if unknown:
-            raise ConfigError(f"{self.recipe_source}: unknown recipe key(s) {unknown}")
+            raise ConfigError(f"{self.recipe_source}: {len(unknown)} unknown recipe key(s): "
+                              f"{first_few(list(unknown))}")
         return {key: self.field(key, recipe[key], f"recipe.{key}", spec) for key in _FIELDS
                 # Under another model the PNG's layers mean nothing: that model's default.
                 if key in recipe and key != "model" and (key != "layers" or same_model)}
@@ -376,6 +427,10 @@ class _Reader:
         max_pixels = self.typed(data.get("max_pixels", DEFAULT_MAX_PIXELS), int, "max_pixels")
         if max_pixels < 16 * 16:
             raise self.fail("max_pixels", f"must be at least 256 (16 x 16), got {max_pixels}")
+        max_file_bytes = self.typed(data.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES), int,
+                                    "max_file_bytes")
+        if max_file_bytes < 1024:
+            raise self.fail("max_file_bytes", f"must be at least 1024, got {max_file_bytes}")
 
         from_recipe = self.recipe_values(recipe, spec, same_model=model == recipe_model)
         values, where = self.settings(data, spec)
@@ -390,6 +445,7 @@ class _Reader:
         return JobConfig(source=self.source, inputs=inputs, output=Path(output), model=model,
                          weights=weights, variants=variants, grid=tuple(axes),
                          job=self.job(data), max_pixels=max_pixels,
+                         max_file_bytes=max_file_bytes,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
                          recipe=self.recipe_path)

@@ -325,7 +325,11 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
         index = outdir / "index.html"
         atomic_write(index, lambda out: out.write(page.encode("utf-8")))
     except OSError as exc:
-        raise JaxdreamError(f"{_text(outdir)}: cannot write the gallery ({exc.strerror or exc})") from exc
+        where = exc.filename if isinstance(exc.filename, str) else outdir
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError) and os.path.abspath(where) == os.path.abspath(thumbs):
+            why = "it exists and is not a folder"  # mkdir's EEXIST on a file or FIFO in the way
+        raise JaxdreamError(f"{_text(where)}: cannot write the gallery ({why})") from exc
     return index
 
 
@@ -343,9 +347,11 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
                        report: Callable[[str], None] | None = None) -> Path | None:
     """Writes a contact sheet per input (when the job has a grid) and ``OUTDIR/index.html``.
 
-    Returns the gallery's path, or None when the job is too big for one page. A sheet that
-    cannot be written is reported and does not stop the others: the dreams themselves are
-    already safe on disk.
+    Returns the gallery's path, or None when the job is too big for one page (or the page
+    could not be written). A sheet that cannot be written is reported (an ``error:`` line,
+    which callers count into the exit status) and does not stop the others: the dreams
+    themselves are already safe on disk. Inputs that failed before they became items (missing,
+    a device, empty) are listed too, so the gallery, the summary and the manifest agree.
     """
     say = report or (lambda line: print(line, file=sys.stderr))
     by_id = {outcome.id: outcome for outcome in outcomes if outcome.id}
@@ -381,8 +387,13 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
         entries.append(GalleryEntry(item.output, Path(item.input).name, params,
                                     outcome.status if outcome else "missing",
                                     outcome.reason if outcome else ""))
+    planned = {item.id for item in items}
+    for outcome in outcomes:  # inputs that failed before they became items (missing, a FIFO)
+        if outcome.status == "failed" and outcome.id not in planned:
+            entries.append(GalleryEntry(config.output / Path(outcome.input).name,
+                                        outcome.input, {}, "failed", outcome.reason))
     try:
         return write_gallery(config.output, entries, title=f"jaxdream: {config.source}")
-    except (JaxdreamError, OSError) as error:
-        say(f"error: gallery {config.output / 'index.html'}: {error}")
+    except (JaxdreamError, OSError) as error:  # the message names the path at fault
+        say(f"error: gallery not written: {error}")
         return None

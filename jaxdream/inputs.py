@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,30 @@ def image_files(folder: str) -> list[str]:
             if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file()]
 
 
-def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
+def _what_it_is(entry: str) -> str:
+    """Why an entry that is neither a folder, a file nor a glob cannot be used."""
+    try:
+        mode = os.stat(entry).st_mode
+    except OSError:
+        return "no such file or folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not an image or a list"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not an image or a list"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not an image or a list"
+    return "not a regular file, an image or a list"
+
+
+def _without_outputs(found: list[str], outdir: Path | None) -> list[str]:
+    if outdir is None:
+        return found
+    from jaxdream.outdir import leave_out_outputs
+
+    return leave_out_outputs(found, outdir)
+
+
+def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None) -> list[str]:
     if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ConfigError(f"{where}: expected a path, got {entry!r:.60}")
     # Strict (a config file): the key path and the entry; lenient (an INPUT): the entry alone.
@@ -30,7 +54,7 @@ def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
     path = Path(entry)
     try:
         if path.is_dir():
-            found = image_files(entry)
+            found = _without_outputs(image_files(entry), outdir)
             empty = "holds no image file"
         elif path.is_file() and path.suffix.lower() == ".txt":
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -42,13 +66,14 @@ def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
         elif path.is_file():
             return [entry]
         elif any(char in entry for char in "*?[") and not os.path.lexists(entry):
-            found = [p for p in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(p)
-                     and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+            found = _without_outputs(
+                [p for p in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(p)
+                 and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS], outdir)
             empty = "matches no image file"
         elif lenient:
             return [entry]  # missing, a pipe, a dangling link: the renderer says which
         else:
-            raise ConfigError(f"{name}: no such file or folder")
+            raise ConfigError(f"{name}: {_what_it_is(entry)}")
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or "not UTF-8 text"
         raise ConfigError(f"{name}: cannot read: {reason}") from None
@@ -58,7 +83,8 @@ def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
 
 
 def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
-                  failures: list[tuple[str, str]] | None = None) -> list[str]:
+                  failures: list[tuple[str, str]] | None = None,
+                  outdir: Path | None = None) -> list[str]:
     """The image paths that config input entries name, deduplicated in first-seen order.
 
     An entry is a file; a folder (its image files by extension, sorted, not recursive); a glob
@@ -68,12 +94,16 @@ def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
     ``source=f"{config.source}: inputs"``. With a ``failures`` list (inputs named on the
     command line) such an entry is appended to it as (entry, reason) instead, and any other
     path is kept as given. Images are not opened, and the lines of a list are not checked: the
-    renderer reports a missing or bad image on its own, as it goes.
+    renderer reports a missing or bad image on its own, as it goes. With ``outdir``, folders
+    and globs leave out that job's own outputs (see :func:`jaxdream.outdir.leave_out_outputs`),
+    so a job whose input folder is its output folder never dreams its earlier dreams; a file
+    named on its own is always kept.
     """
     found: dict[str, str] = {}  # normalised path -> first spelling seen (dicts keep order)
     for index, entry in enumerate(entries):
         try:
-            paths = _expand_entry(entry, f"{source}[{index}]", lenient=failures is not None)
+            paths = _expand_entry(entry, f"{source}[{index}]", lenient=failures is not None,
+                                  outdir=outdir)
         except ConfigError as error:
             if failures is None:
                 raise

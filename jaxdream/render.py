@@ -29,7 +29,8 @@ from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_para
                              static_settings)
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import output_folder
-from jaxdream.images import DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
+from jaxdream.images import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, load_rgb, save_png,
+                             to_uint8)
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
 
@@ -57,6 +58,8 @@ class WorkItem:
     input_sha256: str = ""
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Input files larger than this many bytes are refused before they are read.
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Report:
     outcomes: list[Outcome]
     compile_stats: CompileStats
     render_seconds: float
+    #: ``error:`` lines not tied to one input (a contact sheet or the gallery not written)
+    problems: int = 0
 
 
 def _safe_stem(path: str) -> str:
@@ -126,12 +131,14 @@ def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: str) -> str:
-    """SHA-256 of a regular file; a pipe, device, folder or empty file is an ImageError (a
-    named pipe called photo.jpg must not hang the job)."""
-    from jaxdream.images import _open_regular_file
+def _file_sha256(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
+    """SHA-256 of a regular file; a pipe, device, folder, empty file or one larger than
+    ``max_file_bytes`` is an ImageError (a named pipe called
+    photo.jpg must not hang the job, a 50 GB file must not be read to be refused)."""
+    from jaxdream.images import _check_file_size, _open_regular_file
 
     with _open_regular_file(path, path) as handle:
+        _check_file_size(handle, path, max_file_bytes)
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -141,7 +148,8 @@ def _read_failure(path: str, error: OSError) -> str:
 
 def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
          variants: Sequence[tuple[Recipe, Mapping[str, Any]]], *,
-         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
          ) -> tuple[list[WorkItem], list[Outcome]]:
     """Work items for every input under every recipe, and failures for unreadable inputs.
 
@@ -160,7 +168,7 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     failures: list[Outcome] = []
     for path, stem in zip(inputs, stems, strict=True):
         try:
-            digest = _file_sha256(path)
+            digest = _file_sha256(path, max_file_bytes)
         except JaxdreamError as error:
             failures.append(Outcome(path, None, "failed", str(error)))
             continue
@@ -172,7 +180,8 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
             items.append(WorkItem(
                 id=item_id(digest, recipe, identities[recipe.model], guide), input=path,
                 output=variant_path(out, stem, index, len(variants)), recipe=recipe,
-                point=dict(point), input_sha256=digest, max_pixels=max_pixels))
+                point=dict(point), input_sha256=digest, max_pixels=max_pixels,
+                max_file_bytes=max_file_bytes))
     return items, failures
 
 
@@ -182,7 +191,8 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
     from jaxdream.inputs import expand_inputs
 
     unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
-    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched)
+    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched,
+                           outdir=config.output)
     if config.recipe_weights_sha256 is not None:
         actual = weights_sha256(config.model, config.weights)
         if actual != config.recipe_weights_sha256:
@@ -192,14 +202,17 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
                 f"{actual[:16]}...; pass --weights with the matching file")
     items, failures = plan(inputs, config.output,
                            [(v.recipe, v.point) for v in config.variants],
-                           weights=config.weights, max_pixels=config.max_pixels)
+                           weights=config.weights, max_pixels=config.max_pixels,
+                           max_file_bytes=config.max_file_bytes)
     return items, [Outcome(entry, None, "failed", reason)
                    for entry, reason in unmatched or ()] + failures
 
 
 def _load(item: WorkItem) -> np.ndarray:
-    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels)
-    if item.input_sha256 and _file_sha256(item.input) != item.input_sha256:
+    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels,
+                     max_file_bytes=item.max_file_bytes)
+    if (item.input_sha256
+            and _file_sha256(item.input, item.max_file_bytes) != item.input_sha256):
         raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
     return image
 
@@ -217,7 +230,8 @@ def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
     loaded: list[tuple[int, np.ndarray | str]] = []
     for index in chunk:
         item = items[index]
-        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
+        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels,
+               item.max_file_bytes)
         if key not in decoded:
             try:
                 decoded[key] = _load(item)
@@ -340,4 +354,19 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
         return result, None
     from jaxdream.gallery import sheets_and_gallery
 
-    return result, sheets_and_gallery(config, items, result.outcomes, report=report)
+    counted = _ErrorCounter(report or (lambda line: tqdm.write(line, file=sys.stderr)))
+    path = sheets_and_gallery(config, items, result.outcomes, report=counted)
+    result.problems += counted.errors
+    return result, path
+
+
+class _ErrorCounter:
+    """Passes report lines on, counting the ``error:`` ones (each must fail the exit status)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.errors = 0
+
+    def __call__(self, line: str) -> None:
+        self.errors += line.startswith("error:")
+        self.say(line)

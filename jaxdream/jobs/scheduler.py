@@ -96,10 +96,11 @@ class JobSummary:
     seconds: float = 0.0
     manifest: Path = Path(MANIFEST_NAME)
     stopped: str = ""  #: why the job stopped before the end, if it did
+    problems: int = 0  #: ``error:`` lines not tied to an item (a sheet, the gallery)
 
     @property
     def exit_status(self) -> int:
-        return 1 if (self.failed or self.not_run or self.stopped) else 0
+        return 1 if (self.failed or self.not_run or self.stopped or self.problems) else 0
 
     def describe(self, output: Path) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
