@@ -3,9 +3,9 @@
 A config names inputs, an output folder, the model, the dream's settings (``dream:``), an
 optional ``grid:`` of settings to vary (their cartesian product in file order; first axis =
 rows of a contact sheet) and an optional ``job:`` for ``jaxdream run``; ``configs/`` holds
-examples. Configs are untrusted: read with ``yaml.safe_load`` only, capped in size and in what
-their aliases expand to, every key and value checked, every grid variant validated before any
-work starts. Errors are one-line ConfigErrors naming the file, the key path (``dream.steps``,
+examples. Configs are untrusted: read by :mod:`jaxdream.yamlfile` (safe loader only, capped
+in size and in what their aliases expand to, duplicate keys refused), every key and value
+checked, every grid variant validated before any work starts. Errors are one-line ConfigErrors naming the file, the key path (``dream.steps``,
 ``grid.step_size[2]``) and the reason.
 
 Relative paths (inputs, output, weights, guide) resolve against the current working directory,
@@ -22,23 +22,20 @@ import difflib
 import itertools
 import math
 import os
-import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
 
 from jaxdream.errors import ConfigError, first_few
 from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
 from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
+from jaxdream.yamlfile import read_yaml
+from jaxdream.yamlfile import show as _show
 
-MAX_FILE_BYTES = 1 << 20
-#: Values once aliases are expanded: 1 MiB holds ~500,000 without aliases; only a bomb gets here.
-MAX_VALUES = 1_000_000
 MAX_VARIANTS = 10_000
 
 
@@ -111,11 +108,6 @@ _MISPLACED = {
     "grid.preset": "cannot be a grid axis: the preset gives the base values; vary the fields",
 }
 
-# Short reprs keep messages to one readable line whatever a hostile file holds.
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
-_show = _SHORT.repr
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
@@ -123,90 +115,8 @@ def _suggest(key: str, known: Sequence[str]) -> str:
     return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
 
 
-def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
-    """Values in ``node`` with aliases expanded, each shared object sized once, so a YAML bomb
-    is measured, never expanded. A value containing itself ends in RecursionError."""
-    if not isinstance(node, (list, dict, set)):
-        return 1
-    if id(node) not in sizes:
-        children = node.values() if isinstance(node, dict) else node
-        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
-    return sizes[id(node)]
-
-
-def _duplicate_key(node: yaml.Node, path: str, seen: set[int]) -> str | None:
-    """The first key written twice in one mapping, as ``path (lines A and B)``, or None. Nodes
-    reached again through an alias are walked once, so an alias bomb costs its size on disk."""
-    if id(node) in seen:
-        return None
-    seen.add(id(node))
-    children: list[tuple[str, yaml.Node]] = []
-    if isinstance(node, yaml.MappingNode):
-        first: dict[tuple[str, str], int] = {}
-        for key, value in node.value:
-            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
-            child = f"{path}.{name}" if path else name
-            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
-                line = key.start_mark.line + 1
-                if (key.tag, key.value) in first:
-                    return (f"{_show(child)[1:-1]}: duplicate key (lines "
-                            f"{first[key.tag, key.value]} and {line}); give each key once")
-                first[key.tag, key.value] = line
-            children.append((child, value))
-    elif isinstance(node, yaml.SequenceNode):
-        children = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
-    for child, value in children:
-        found = _duplicate_key(value, child, seen)
-        if found:
-            return found
-    return None
-
-
-def _load_unique_keys(source: str, text: str) -> Any:
-    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last one
-    silently, so ``output:`` written twice would quietly change where results go)."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        duplicate = _duplicate_key(node, "", set())
-        if duplicate:
-            raise ConfigError(f"{source}: {duplicate}")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
 def _read_yaml(source: str) -> dict[Any, Any]:
-    try:
-        with open(source, "rb") as file:
-            raw = file.read(MAX_FILE_BYTES + 1)
-    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
-        raise ConfigError(f"{source}: cannot read the config: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"{source}: too large for a config (over {MAX_FILE_BYTES} bytes)")
-    try:
-        data = _load_unique_keys(source, raw.decode("utf-8"))
-        size = _expanded_size(data, {})
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as error:
-        # ValueError and friends come from PyYAML's own constructors (e.g. the date 2024-13-45);
-        # its own errors quote the text over several lines, so take the problem and its place.
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = " ".join(str(getattr(error, "problem", None) or error).split())
-        raise ConfigError(f"{source}: not valid YAML: {reason}{where}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: refused: nested too deeply, or a value contains itself "
-                          f"(recursive alias)") from None
-    if data is None:
-        raise ConfigError(f"{source}: the config is empty")
-    if size > MAX_VALUES:
-        raise ConfigError(f"{source}: refused: more than {MAX_VALUES} values once aliases are "
-                          f"expanded")
+    data = read_yaml(source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys "
                           f"({', '.join(TOP_KEYS)}), got {type(data).__name__}")
