@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import yaml
 
 from jaxdream.errors import ConfigError
+from jaxdream.storage import is_url
 from jaxdream.images import DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
 from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
@@ -84,6 +85,9 @@ class JobConfig:
     #: True for inputs named on the command line: an entry that yields no image is one failed
     #: input among the others; in a config file it is an error before any work starts.
     lenient_inputs: bool = False
+    #: The output as written when it is an object-store prefix (``s3://bucket/out``, no
+    #: trailing slash); ``output`` then only names outputs relative to it. "" for a folder.
+    output_url: str = ""
 
 
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -392,7 +396,8 @@ class _Reader:
                          job=self.job(data), max_pixels=max_pixels,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
-                         recipe=self.recipe_path)
+                         recipe=self.recipe_path,
+                         output_url=output.rstrip("/") if is_url(output) else "")
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None, *,

@@ -29,7 +29,10 @@ from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_para
                              static_settings)
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import output_folder
-from jaxdream.images import DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
+from jaxdream import storage
+from jaxdream.images import (DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, png_bytes, save_png,
+                             to_uint8)
+from jaxdream.storage import is_url
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
 
@@ -57,6 +60,11 @@ class WorkItem:
     input_sha256: str = ""
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: For an input in an object store or on the web: what identified it when planned (URL,
+    #: ETag, size; see :func:`jaxdream.storage.identity`); its bytes are hashed when read.
+    input_identity: str = ""
+    #: The object the output is uploaded to when the output is an object-store prefix.
+    dest: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,8 @@ class Outcome:
     reason: str = ""
     id: str = ""
     seconds: float = 0.0
+    #: SHA-256 of the input's bytes as the worker read them ("" when it read none).
+    input_sha256: str = ""
 
 
 @dataclasses.dataclass
@@ -141,13 +151,15 @@ def _read_failure(path: str, error: OSError) -> str:
 
 def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
          variants: Sequence[tuple[Recipe, Mapping[str, Any]]], *,
-         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-         ) -> tuple[list[WorkItem], list[Outcome]]:
+         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+         output_url: str = "") -> tuple[list[WorkItem], list[Outcome]]:
     """Work items for every input under every recipe, and failures for unreadable inputs.
 
-    Each input is hashed here (its content is part of every item's id); an input that cannot
-    be read becomes one failed outcome instead of items. Images are not decoded: a file that
-    is not an image is reported when a worker loads it.
+    Each local input is hashed here (its content is part of every item's id); an object or
+    URL is identified by its listing instead (ETag, size), never read here. An input that
+    cannot be read becomes one failed outcome instead of items. Images are not decoded: a
+    file that is not an image is reported when a worker loads it. With ``output_url`` (an
+    object-store prefix) each item's output is uploaded there under its output's name.
     """
     out = Path(outdir)
     stems = output_stems(inputs, out)
@@ -159,8 +171,13 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     items: list[WorkItem] = []
     failures: list[Outcome] = []
     for path, stem in zip(inputs, stems, strict=True):
+        identity = ""
         try:
-            digest = _file_sha256(path)
+            if is_url(path):
+                identity = storage.identity(path)
+                digest = hashlib.sha256(identity.encode()).hexdigest()
+            else:
+                digest = _file_sha256(path)
         except JaxdreamError as error:
             failures.append(Outcome(path, None, "failed", str(error)))
             continue
@@ -169,10 +186,13 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
             continue
         for index, (recipe, point) in enumerate(variants):
             guide = guides[recipe.guide] if recipe.guide else None
+            output = variant_path(out, stem, index, len(variants))
             items.append(WorkItem(
                 id=item_id(digest, recipe, identities[recipe.model], guide), input=path,
-                output=variant_path(out, stem, index, len(variants)), recipe=recipe,
-                point=dict(point), input_sha256=digest, max_pixels=max_pixels))
+                output=output, recipe=recipe, point=dict(point),
+                input_sha256="" if identity else digest, max_pixels=max_pixels,
+                input_identity=identity,
+                dest=storage.join(output_url, output.name) if output_url else ""))
     return items, failures
 
 
@@ -192,16 +212,28 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
                 f"{actual[:16]}...; pass --weights with the matching file")
     items, failures = plan(inputs, config.output,
                            [(v.recipe, v.point) for v in config.variants],
-                           weights=config.weights, max_pixels=config.max_pixels)
+                           weights=config.weights, max_pixels=config.max_pixels,
+                           output_url=config.output_url)
     return items, [Outcome(entry, None, "failed", reason)
                    for entry, reason in unmatched or ()] + failures
 
 
-def _load(item: WorkItem) -> np.ndarray:
+def _load(item: WorkItem) -> tuple[np.ndarray, str]:
+    """The item's image and the SHA-256 of the bytes it came from."""
+    if item.input_identity:
+        # One read of the object: the same checks as a local file, on the bytes in memory.
+        data = storage.read_object(item.input)
+        name = storage.redact(item.input)
+        planned = json.loads(item.input_identity).get("size")
+        if isinstance(planned, int) and len(data) != planned:
+            raise JaxdreamError(f"{name}: the object changed since the job was planned")
+        image = load_rgb_bytes(data, name, max_side=item.recipe.max_side,
+                               max_pixels=item.max_pixels)
+        return image, hashlib.sha256(data).hexdigest()
     image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels)
     if item.input_sha256 and _file_sha256(item.input) != item.input_sha256:
         raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
-    return image
+    return image, item.input_sha256
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
@@ -210,11 +242,11 @@ def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
 
 
 def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
-                ) -> list[tuple[int, np.ndarray | str]]:
+                ) -> list[tuple[int, tuple[np.ndarray, str] | str]]:
     """Each item's image, or the one-line reason it cannot be read. The variants of a grid
     share their photo: it is read and checked once per chunk."""
-    decoded: dict[tuple[Any, ...], np.ndarray | str] = {}
-    loaded: list[tuple[int, np.ndarray | str]] = []
+    decoded: dict[tuple[Any, ...], tuple[np.ndarray, str] | str] = {}
+    loaded: list[tuple[int, tuple[np.ndarray, str] | str]] = []
     for index in chunk:
         item = items[index]
         key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
@@ -265,7 +297,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             todo: list[int] = []
             for index in members:
                 item = items[index]
-                if item.output.exists() and not overwrite:
+                if not overwrite and not item.dest and item.output.exists():
                     finish(index, Outcome(item.input, item.output, "skipped",
                                           "output exists (pass --overwrite to replace it)",
                                           item.id))
@@ -279,13 +311,15 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             for chunk in _chunks(todo, CHUNK):
                 images: list[np.ndarray] = []
                 loaded: list[int] = []
+                digests: list[str] = []
                 for index, image in _load_chunk(items, chunk):
                     if isinstance(image, str):
                         item = items[index]
                         finish(index, Outcome(item.input, None, "failed", image, item.id))
                         bar.update(1)
                     else:
-                        images.append(image)
+                        images.append(image[0])
+                        digests.append(image[1])
                         loaded.append(index)
                 params = [item_params(items[index].recipe) for index in loaded]
                 batch_start = time.perf_counter()
@@ -293,7 +327,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                     index = loaded[slot]
                     item = items[index]
                     seconds = time.perf_counter() - batch_start
-                    finish(index, _write(item, result, model, seconds))
+                    finish(index, _write(item, result, model, seconds, digests[slot]))
                     batch_start = time.perf_counter()
                     bar.update(1)
             stats.add(engine.stats)
@@ -303,22 +337,29 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                   time.perf_counter() - start)
 
 
-def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float) -> Outcome:
+def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float,
+           digest: str = "") -> Outcome:
+    digest = digest or item.input_sha256
     extra: dict[str, Any] = {
-        "input": {"name": Path(item.input).name, "sha256": item.input_sha256,
+        "input": {"name": Path(item.input).name, "sha256": digest,
                   "width": int(result.shape[1]), "height": int(result.shape[0])},
         "weights": model.weights_path.name, "id": item.id}
     if item.point:
         extra["grid"] = dict(item.point)
+    recipe = item.recipe.to_json(weights_sha256=model.weights_sha256, extra=extra)
     try:
-        item.output.parent.mkdir(parents=True, exist_ok=True)
-        save_png(item.output, to_uint8(result),
-                 item.recipe.to_json(weights_sha256=model.weights_sha256, extra=extra))
+        if item.dest:  # one whole-object PUT: the object exists complete, or not at all
+            storage.put_object(item.dest, png_bytes(to_uint8(result), recipe))
+        else:
+            item.output.parent.mkdir(parents=True, exist_ok=True)
+            save_png(item.output, to_uint8(result), recipe)
+    except storage.StorageError as error:
+        return Outcome(item.input, None, "failed", str(error), item.id, seconds, digest)
     except (JaxdreamError, OSError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         return Outcome(item.input, None, "failed", f"{item.output}: cannot write: {reason}",
-                       item.id, seconds)
-    return Outcome(item.input, item.output, "done", "", item.id, seconds)
+                       item.id, seconds, digest)
+    return Outcome(item.input, item.output, "done", "", item.id, seconds, digest)
 
 
 def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite: bool = False,
@@ -327,6 +368,11 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
     """Runs a job config in this process (no Ray): every input under every grid variant,
     then (with ``gallery``) contact sheets and the gallery. Returns the report and the
     gallery's path. ``jaxdream dream`` runs this, from a config file or from its options."""
+    if config.output_url:
+        from jaxdream.errors import ConfigError
+
+        raise ConfigError(f"{config.source}: output {storage.redact(config.output_url)} is an "
+                          f"object-store prefix; write there with `jaxdream run`")
     output_folder(config.output)
     items, failures = plan_items(config)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))

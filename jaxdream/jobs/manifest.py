@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from jaxdream.errors import JobError
 from jaxdream.files import atomic_write
+from jaxdream.storage import is_url, redact
 
 if TYPE_CHECKING:
     from jaxdream.render import Outcome, WorkItem
@@ -148,12 +149,15 @@ def make_row(item: WorkItem | None, outcome: Outcome, id_: str, outdir: Path, *,
     output = None
     if outcome.status == "done" and outcome.output is not None:
         output = os.path.relpath(outcome.output, outdir)
+    source = item.input if item else outcome.input
     return {
-        "id": id_, "input": item.input if item else outcome.input, "output": output,
+        "id": id_, "input": redact(source) if is_url(source) else source, "output": output,
         "status": outcome.status, "error": outcome.reason,
         "params": recipe_params(item) if item else None,
         "point": dict(item.point) if item else None,
         "seconds": round(outcome.seconds, 4), "worker": worker, "node": node,
         "attempt": attempt,
+        # What the worker read (an object's bytes are hashed only there); "" if it read none.
+        "input_sha256": outcome.input_sha256 or (item.input_sha256 if item else ""),
         "finished": _now(),
     }

@@ -1,0 +1,290 @@
+"""Datasets in object storage: inputs listed (never read) on the driver, objects read by the
+workers through the same checks as files, outputs uploaded whole, the manifest in parts beside
+them, resume from the prefix alone.
+
+Every test talks to an S3 server on 127.0.0.1 that this module starts itself (moto's
+``ThreadedMotoServer`` on a free port) through ``AWS_ENDPOINT_URL``, with dummy credentials;
+nothing reaches the internet. The server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+from jaxdream import storage  # noqa: E402
+from jaxdream.errors import ConfigError, ImageError  # noqa: E402
+from jaxdream.inputs import expand_inputs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ray_cluster import private_ray_environment, run_cli, write_config  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning"),
+    # botocore and the moto server use datetime.utcnow and friends on some versions.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+BUCKET = "photos"
+DUMMY = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+         "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": ""}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _clear_fs_cache() -> None:
+    """fsspec keeps one filesystem per options; credentials from the environment are not
+    among them, so a test that changes them must start afresh."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """The server's environment (endpoint and dummy credentials), set in this process too."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**DUMMY, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    _clear_fs_cache()
+    try:
+        _client().create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _clear_fs_cache()
+
+
+def _client(**keys: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+                        region_name="us-east-1", **keys)
+
+
+def _png(seed: int, side: int = 96) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _put(key: str, data: bytes) -> None:
+    _client().put_object(Bucket=BUCKET, Key=key, Body=data)
+
+
+def _keys(prefix: str) -> list[str]:
+    pages = _client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+# --------------------------------------------------------------------------------------------
+# Listing and reading, no Ray
+
+
+def test_prefixes_globs_and_lists_expand_to_objects_without_reading_them(
+        s3: dict[str, str], tmp_path: Path) -> None:
+    for index in range(3):
+        _put(f"list/a/p{index}.png", _png(index))
+    _put("list/a/notes.md", b"not an image")
+    _put("list/a/deeper/p9.png", _png(9))
+    _put("list/files.txt", b"# two of them\na/p0.png\n\ns3://photos/list/a/p2.png\n")
+    local = tmp_path / "mixed.csv"
+    local.write_text("id,url\n1,s3://photos/list/a/p1.png\n2,local.png\n", encoding="utf-8")
+
+    base = "s3://photos/list/a"
+    assert expand_inputs([base + "/"]) == [f"{base}/p{i}.png" for i in range(3)]
+    assert expand_inputs(["s3://photos/list/a/p[02].png"]) == [f"{base}/p0.png",
+                                                              f"{base}/p2.png"]
+    assert expand_inputs(["s3://photos/list/files.txt"]) == [f"{base}/p0.png", f"{base}/p2.png"]
+    assert expand_inputs([str(local)]) == [f"{base}/p1.png", str(tmp_path / "local.png")]
+    # Listed objects are identified by ETag and size: the same bytes, the same identity.
+    first = storage.identity(f"{base}/p0.png")
+    assert json.loads(first)["size"] == len(_png(0))
+    _put("list/a/p0.png", _png(100))
+    _clear_fs_cache()
+    expand_inputs([base + "/"])
+    assert storage.identity(f"{base}/p0.png") != first
+
+
+def test_missing_bucket_and_prefix_are_one_config_line(s3: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"inputs\[0\].*bucket does not exist") as error:
+        expand_inputs(["s3://no-such-bucket/in/"], source="job.yaml: inputs")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="holds no image object|no such object"):
+        expand_inputs(["s3://photos/nothing-here/"], source="job.yaml: inputs")
+
+
+def test_objects_go_through_the_hostile_input_checks(s3: dict[str, str]) -> None:
+    from jaxdream.images import load_rgb_bytes
+
+    _put("bad/page.png", b"<!doctype html><html>404</html>")
+    _put("bad/empty.png", b"")
+    _put("bad/cut.png", _png(1)[:200])
+    for key, why in [("page.png", "HTML page"), ("empty.png", "empty"),
+                     ("cut.png", "truncated|corrupt")]:
+        url = f"s3://photos/bad/{key}"
+        with pytest.raises(ImageError, match=why) as error:
+            load_rgb_bytes(storage.read_object(url), storage.redact(url))
+        assert str(error.value).startswith(url + ":")
+    with pytest.raises(ImageError, match="larger than 100 bytes"):
+        storage.read_object("s3://photos/list/a/p1.png", max_bytes=100)
+    with pytest.raises(ImageError, match="photos/bad/gone.png: cannot read: no such object"):
+        storage.read_object("s3://photos/bad/gone.png")
+    good = load_rgb_bytes(_png(3), "x.png", max_side=48)
+    assert good.shape == (48, 48, 3) and good.dtype == np.uint8
+
+
+def test_urls_are_shown_without_secrets() -> None:
+    url = "https://user:pw@example.com:8443/a/b.jpg?X-Amz-Signature=abc#frag"
+    assert storage.redact(url) == "https://example.com:8443/a/b.jpg"
+    assert storage.is_url("s3://b/k") and storage.is_url("gs://b/k")
+    assert not storage.is_url("C:\\photos\\a.jpg") and not storage.is_url("photos/a.jpg")
+
+
+def test_an_s3_output_is_refused_by_the_in_process_renderer(s3: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    from jaxdream.config import load_config
+    from jaxdream.render import dream_config
+
+    config = load_config(write_config(tmp_path / "job.yaml", ["s3://photos/list/a/"],
+                                      "s3://photos/out-x"))  # type: ignore[arg-type]
+    assert config.output_url == "s3://photos/out-x"
+    with pytest.raises(ConfigError, match="jaxdream run"):
+        dream_config(config)
+    assert not (Path.cwd() / "s3:").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Refused before anything renders: exit status 2, one line
+
+
+@contextlib.contextmanager
+def _iam_user(deny_prefix: str) -> Iterator[dict[str, str]]:
+    """A user allowed everything on the bucket but writing under ``deny_prefix``, and moto's
+    IAM checks switched on while the block runs."""
+    import boto3
+    from moto.core.authorization import enable_iam_authentication
+
+    iam = boto3.client("iam", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+                       region_name="us-east-1")
+    user = f"jd-{_free_port()}"
+    iam.create_user(UserName=user)
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+        {"Effect": "Deny", "Action": "s3:PutObject",
+         "Resource": f"arn:aws:s3:::{BUCKET}/{deny_prefix}*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="jd", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    with enable_iam_authentication():
+        yield {"AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+def _refused(tmp_path: Path, inputs: str, output: str, env: dict[str, str]) -> str:
+    config = write_config(tmp_path / "job.yaml", [inputs], output)  # type: ignore[arg-type]
+    with private_ray_environment() as ray_env:
+        result = run_cli([str(config), "-q"], {**ray_env, **env}, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert env.get("AWS_SECRET_ACCESS_KEY", "testing") not in result.stderr
+    return lines[0]
+
+
+def test_missing_bucket_wrong_key_and_forbidden_prefix_exit_2_before_rendering(
+        s3: dict[str, str], tmp_path: Path) -> None:
+    _put("pre/in/a.png", _png(5))
+    line = _refused(tmp_path, "s3://photos/pre/in/", "s3://no-such-bucket/out", s3)
+    assert "no-such-bucket" in line and "bucket does not exist" in line
+    line = _refused(tmp_path, "s3://no-such-bucket/in/", "s3://photos/pre/out", s3)
+    assert "inputs[0]" in line and "bucket does not exist" in line
+    with _iam_user("pre/locked/") as keys:
+        wrong = {**s3, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1",
+                 "AWS_SECRET_ACCESS_KEY": "wrong-secret-wrong-secret"}
+        line = _refused(tmp_path, "s3://photos/pre/in/", "s3://photos/pre/out", wrong)
+        assert "access denied" in line
+        line = _refused(tmp_path, "s3://photos/pre/in/", "s3://photos/pre/locked/out",
+                        {**s3, **keys})
+        assert "pre/locked/out" in line and "access denied" in line
+    assert _keys("pre/out") == [] and _keys("pre/locked") == []
+
+
+# --------------------------------------------------------------------------------------------
+# A whole job: bucket to bucket through `jaxdream run`, then --resume
+
+
+def test_a_job_from_a_bucket_to_a_bucket_resumes_from_the_prefix(s3: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    photos = {f"job/in/photo_{index}.png": _png(10 + index) for index in range(4)}
+    for key, data in photos.items():
+        _put(key, data)
+    _put("job/in/broken.png", b"<html>not a photo</html>")
+    config = write_config(tmp_path / "job.yaml", ["s3://photos/job/in/"],
+                          "s3://photos/job/out/", job={"unit_size": 2})  # type: ignore[arg-type]
+    with private_ray_environment() as env:
+        first = run_cli([str(config), "-q"], {**env, **s3}, timeout=300)
+        assert first.returncode == 1, first.stderr  # the broken object fails alone
+        errors = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [line for line in errors if "s3://photos/job/in/broken.png" in line]
+        assert len(errors) == 1, first.stderr
+        outputs = [key for key in _keys("job/out/") if key.endswith(".png")]
+        assert outputs == [f"job/out/photo_{i}_dream.png" for i in range(4)]
+        assert _keys("job/out/manifest") == ["job/out/manifest.jsonl"]  # parts compacted
+        rows = _manifest("job/out/manifest.jsonl")
+        assert len(rows) == 5 and sum(row["status"] == "done" for row in rows) == 4
+        for row in rows:
+            if row["status"] == "done":
+                key = "job/in/" + row["input"].rsplit("/", 1)[1]
+                assert row["input_sha256"] == hashlib.sha256(photos[key]).hexdigest()
+                png = _client().get_object(Bucket=BUCKET, Key="job/out/" + row["output"])
+                with Image.open(io.BytesIO(png["Body"].read())) as image:
+                    assert image.size == (96, 96)
+                    assert json.loads(image.text["jaxdream"])["id"] == row["id"]
+        before = {key: _client().head_object(Bucket=BUCKET, Key=key)["ETag"] for key in outputs}
+
+        again = run_cli([str(config), "-q", "--resume"], {**env, **s3}, timeout=300)
+    assert "resuming: 4 of 5 item(s) already done" in again.stderr, again.stderr  # 1 bad
+    assert "dreamed 0 of 5 item(s)" in again.stderr, again.stderr
+    assert {key: _client().head_object(Bucket=BUCKET, Key=key)["ETag"]
+            for key in outputs} == before
+    rows = _manifest("job/out/manifest.jsonl")
+    assert len(rows) == 5 and _keys("job/out/manifest.parts") == []
+    assert len({(row["id"], row["output"]) for row in rows}) == 5
+
+
+def _manifest(key: str) -> list[dict[str, Any]]:
+    body = _client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return [json.loads(line) for line in body.splitlines()]
