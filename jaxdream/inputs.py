@@ -13,6 +13,7 @@ from typing import Any
 
 from jaxdream.errors import ConfigError
 from jaxdream.files import display
+from jaxdream.shards import expand_braces, is_shard, shard_members
 from jaxdream.storage import LIST_SUFFIXES, expand_url, is_url, read_list
 
 #: Extensions picked up by folders and globs (files named or listed explicitly are all kept).
@@ -30,6 +31,12 @@ def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
         raise ConfigError(f"{where}: expected a path, got {entry!r:.60}")
     # Strict (a config file): the key path and the entry; lenient (an INPUT): the entry alone.
     name = display(entry) if lenient else f"{where}: {entry!r}"
+    if "{" in entry and not os.path.lexists(entry):
+        names = expand_braces(entry)  # shards/train-{000000..000999}.tar
+        if len(names) > 1:
+            return [path for one in names for path in _expand_entry(one, where, lenient)]
+    if is_shard(entry) and (is_url(entry) or os.path.isfile(entry)):
+        return shard_members(entry, name, IMAGE_EXTENSIONS)
     if is_url(entry):
         return expand_url(entry, name, IMAGE_EXTENSIONS)
     path = Path(entry)

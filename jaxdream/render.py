@@ -32,6 +32,7 @@ from jaxdream.files import output_folder
 from jaxdream import storage
 from jaxdream.images import (DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, png_bytes, save_png,
                              to_uint8)
+from jaxdream.shards import MEMBER, read_member
 from jaxdream.storage import is_url
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
@@ -171,10 +172,11 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     items: list[WorkItem] = []
     failures: list[Outcome] = []
     for path, stem in zip(inputs, stems, strict=True):
-        identity = ""
+        identity = storage.known_identity(path) or ""  # listed objects, shard members
         try:
-            if is_url(path):
+            if not identity and is_url(path):
                 identity = storage.identity(path)
+            if identity:
                 digest = hashlib.sha256(identity.encode()).hexdigest()
             else:
                 digest = _file_sha256(path)
@@ -222,9 +224,15 @@ def _load(item: WorkItem) -> tuple[np.ndarray, str]:
     """The item's image and the SHA-256 of the bytes it came from."""
     if item.input_identity:
         # One read of the object: the same checks as a local file, on the bytes in memory.
-        data = storage.read_object(item.input)
-        name = storage.redact(item.input)
-        planned = json.loads(item.input_identity).get("size")
+        planned_as = json.loads(item.input_identity)
+        if planned_as.get("shard"):
+            data = read_member(item.input, planned_as)
+            shard, member = item.input.rsplit(MEMBER, 1)
+            name = storage.redact(shard) + MEMBER + member
+        else:
+            data = storage.read_object(item.input)
+            name = storage.redact(item.input)
+        planned = planned_as.get("size")
         if isinstance(planned, int) and len(data) != planned:
             raise JaxdreamError(f"{name}: the object changed since the job was planned")
         image = load_rgb_bytes(data, name, max_side=item.recipe.max_side,

@@ -69,7 +69,7 @@ def join(prefix: str, name: str) -> str:
     return prefix.rstrip("/") + "/" + name
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
+def filesystem(url: str) -> tuple[Any, str]:
     """fsspec's filesystem for ``url`` and the path within it."""
     import fsspec
 
@@ -114,12 +114,22 @@ def identity_of(url: str, info: dict[str, Any]) -> str:
                        "mtime": mtime}, sort_keys=True)
 
 
+def register_identity(entry: str, text: str) -> None:
+    """Records what identifies ``entry`` (an object or shard member) for planning."""
+    _IDENTITIES[entry] = text
+
+
+def known_identity(entry: str) -> str | None:
+    """The identity a listing recorded for ``entry``, if any."""
+    return _IDENTITIES.get(entry)
+
+
 def identity(url: str) -> str:
     """:func:`identity_of` an object, from its listing when it was listed, else one HEAD."""
     known = _IDENTITIES.get(url)
     if known is not None:
         return known
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     try:
         info = fs.info(path)
     except (OSError, ValueError) as error:
@@ -134,7 +144,7 @@ def expand_url(entry: str, name: str, extensions: Iterable[str]) -> list[str]:
     objects, by extension, sorted, not recursive), a glob on one, a list file, or one object.
     Listing errors (no bucket, no access, nothing there) are ConfigErrors naming ``name``."""
     exts = tuple(extensions)
-    fs, path = _filesystem(entry)
+    fs, path = filesystem(entry)
     web = entry.split("://", 1)[0] in ("http", "https")
     try:
         if not web and any(char in path for char in "*?["):
@@ -217,10 +227,14 @@ def read_object(url: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
     refused after ``max_bytes + 1`` bytes, whatever its listing claimed). Problems are one
     ImageError line naming the (redacted) URL, so a bad object fails alone."""
     name = redact(url)
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     try:
         data = fs.cat_file(path, start=0, end=max_bytes + 1)
-    except (OSError, ValueError) as error:
+    except OSError as error:
+        if "not satisfiable" not in str(error):
+            raise ImageError(f"{name}: cannot read: {reason(error)}") from None
+        data = b""  # a range of an empty object: the decoder says "empty file"
+    except ValueError as error:
         raise ImageError(f"{name}: cannot read: {reason(error)}") from None
     except Exception as error:  # an HTTP or protocol error of the filesystem's own kind
         raise ImageError(f"{name}: cannot read: {reason(error)}") from None
@@ -232,7 +246,7 @@ def read_object(url: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
 def put_object(url: str, data: bytes) -> None:
     """Writes one whole object (a single PUT for anything an image is): it exists, complete,
     once this returns, and not before. Raises StorageError."""
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     try:
         fs.pipe_file(path, data)
     except Exception as error:  # noqa: BLE001 - any failure of the store is this one error
@@ -243,16 +257,16 @@ def delete_objects(urls: list[str]) -> None:
     """Removes objects (best effort: what cannot be removed is left)."""
     if not urls:
         return
-    fs, _ = _filesystem(urls[0])
+    fs, _ = filesystem(urls[0])
     try:
-        fs.rm([_filesystem(url)[1] for url in urls])
+        fs.rm([filesystem(url)[1] for url in urls])
     except Exception:  # noqa: BLE001 - leftovers are harmless: the manifest supersedes them
         pass
 
 
 def list_prefix(prefix: str, *, recursive: bool = False) -> dict[str, dict[str, Any]]:
     """Objects under ``prefix`` by name relative to it; {} when there are none."""
-    fs, path = _filesystem(prefix)
+    fs, path = filesystem(prefix)
     base = path.rstrip("/") + "/"
     try:
         if recursive:

@@ -153,14 +153,15 @@ def test_objects_go_through_the_hostile_input_checks(s3: dict[str, str]) -> None
     _put("bad/page.png", b"<!doctype html><html>404</html>")
     _put("bad/empty.png", b"")
     _put("bad/cut.png", _png(1)[:200])
-    for key, why in [("page.png", "HTML page"), ("empty.png", "empty"),
+    for key, why in [("page.png", "HTML page"), ("empty.png", r"empty file \(0 bytes\)"),
                      ("cut.png", "truncated|corrupt")]:
         url = f"s3://photos/bad/{key}"
         with pytest.raises(ImageError, match=why) as error:
             load_rgb_bytes(storage.read_object(url), storage.redact(url))
         assert str(error.value).startswith(url + ":")
+    _put("bad/big.png", _png(2))
     with pytest.raises(ImageError, match="larger than 100 bytes"):
-        storage.read_object("s3://photos/list/a/p1.png", max_bytes=100)
+        storage.read_object("s3://photos/bad/big.png", max_bytes=100)
     with pytest.raises(ImageError, match="photos/bad/gone.png: cannot read: no such object"):
         storage.read_object("s3://photos/bad/gone.png")
     good = load_rgb_bytes(_png(3), "x.png", max_side=48)
@@ -288,3 +289,96 @@ def test_a_job_from_a_bucket_to_a_bucket_resumes_from_the_prefix(s3: dict[str, s
 def _manifest(key: str) -> list[dict[str, Any]]:
     body = _client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
     return [json.loads(line) for line in body.splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# The hostile corpus served from S3: the same verdicts as the files, each naming its key
+
+
+def test_hostile_objects_get_the_verdicts_of_the_files_and_name_their_key(
+        s3: dict[str, str], tmp_path: Path) -> None:
+    from hostile_images import make_corpus
+
+    from jaxdream.images import load_rgb, load_rgb_bytes
+
+    checked = 0
+    for case in make_corpus(tmp_path / "corpus"):
+        path = case.path
+        if path.is_symlink() or not path.is_file() or "\n" in path.name:
+            continue  # links, pipes and folders do not exist in a bucket
+        key = f"hostile/{checked:03d}{path.suffix}"
+        _put(key, path.read_bytes())
+        url = f"s3://{BUCKET}/{key}"
+        try:
+            expected: Any = load_rgb(path)
+        except ImageError as error:
+            expected = str(error).split(": ", 1)[1]
+        try:
+            got: Any = load_rgb_bytes(storage.read_object(url), storage.redact(url))
+        except ImageError as error:
+            assert str(error).startswith(url + ": "), error
+            got = str(error).split(": ", 1)[1]
+        if isinstance(expected, str):
+            assert got == expected, case.description
+        else:
+            assert isinstance(got, np.ndarray) and np.array_equal(got, expected), case.description
+        checked += 1
+    assert checked >= 20
+
+
+# --------------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def _shard(samples: dict[str, bytes]) -> bytes:
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in samples.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_webdataset_shards_local_and_in_a_bucket_are_inputs(s3: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    from jaxdream.config import load_config
+    from jaxdream.images import read_recipe
+    from jaxdream.render import dream_config, plan_items
+    from jaxdream.shards import expand_braces
+
+    assert expand_braces("s/train-{000008..000010}.tar") == [
+        "s/train-000008.tar", "s/train-000009.tar", "s/train-000010.tar"]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for index in range(2):
+        (folder / f"train-{index:06d}.tar").write_bytes(_shard({
+            f"{index}000.jpg": _png(20 + index), f"{index}000.cls": b"3",
+            f"{index}001.seg.png": _png(30 + index), f"{index}001.json": b"{}"}))
+    _put("shards/train-000002.tar", _shard({"2000.png": _png(40), "2001.png": b"<html>"}))
+    entries = [str(folder / "train-{000000..000001}.tar"), "s3://photos/shards/train-000002.tar"]
+    found = expand_inputs(entries)
+    assert [item.rsplit("#", 1)[1] for item in found] == [
+        "0000.jpg", "0001.seg.png", "1000.jpg", "1001.seg.png", "2000.png", "2001.png"]
+
+    config = load_config(write_config(tmp_path / "job.yaml", entries, tmp_path / "out",
+                                      dream={"layers": "stem", "octaves": 1, "steps": 1},
+                                      max_side=64))
+    items, failures = plan_items(config)
+    assert not failures and len({item.id for item in items}) == 6
+    again, _ = plan_items(config)
+    assert [item.id for item in again] == [item.id for item in items]  # stable, nothing read
+
+    report, _ = dream_config(config, progress=False, gallery=False, report=lambda line: None)
+    status = {Path(outcome.input).name: outcome for outcome in report.outcomes}
+    assert status["train-000002.tar#2001.png"].status == "failed"
+    assert status["train-000002.tar#2001.png"].reason.startswith(
+        "s3://photos/shards/train-000002.tar#2001.png: ")
+    done = [outcome for outcome in report.outcomes if outcome.status == "done"]
+    assert len(done) == 5
+    for outcome in done:
+        recipe = read_recipe(outcome.output)
+        assert recipe["input"]["sha256"] == outcome.input_sha256 != ""
+    assert hashlib.sha256(_png(40)).hexdigest() == status["train-000002.tar#2000.png"].input_sha256
