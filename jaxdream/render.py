@@ -11,6 +11,7 @@ atomically as a PNG that carries its recipe.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -93,22 +94,31 @@ def _safe_stem(path: str) -> str:
     return stem[:100] or "image"
 
 
-def output_stems(inputs: Sequence[str], outdir: Path) -> list[str]:
+def output_stems(inputs: Sequence[str], outdir: Path, output_url: str = "") -> list[str]:
     """Deterministic, unique output stems, one per input, safe as file names.
 
     Inputs whose names would collide (``a/cat.jpg`` and ``b/cat.png``) get a short hash of the
     path as given, so the same command always writes the same names; so does a name whose
-    output would land on an input.
+    output would land on an input (a file, or an object when the output is ``output_url``).
     """
     stems = [_safe_stem(path) for path in inputs]
-    resolved_inputs = {os.path.realpath(path) for path in inputs}
+    # Only what can be overwritten is compared: files with files, objects with objects (a
+    # million realpath calls on URLs would cost minutes and find nothing).
+    local_inputs = {os.path.realpath(path) for path in inputs
+                    if not output_url and not is_url(path)}
+    remote_inputs = {path for path in inputs if output_url and is_url(path)}
+
+    def lands_on_input(name: str) -> bool:
+        if output_url:
+            return storage.join(output_url, name) in remote_inputs
+        return bool(local_inputs) and os.path.realpath(outdir / name) in local_inputs
+
     counts: dict[str, int] = {}
     for stem in stems:
         counts[stem] = counts.get(stem, 0) + 1
     unique: list[str] = []
     for path, stem in zip(inputs, stems, strict=True):
-        clash = any(os.path.realpath(outdir / f"{stem}{suffix}") in resolved_inputs
-                    for suffix in ("_dream.png", "_grid.png"))
+        clash = any(lands_on_input(f"{stem}{suffix}") for suffix in ("_dream.png", "_grid.png"))
         if counts[stem] > 1 or clash:
             digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
             stem = f"{stem}_{digest}"
@@ -131,10 +141,20 @@ def variant_path(outdir: Path, stem: str, variant: int, variants: int) -> Path:
 def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
             guide_sha256: str | None = None) -> str:
     """A stable id: the same photo, parameters, weights and jaxdream version give the same id."""
-    identity = {"input": input_sha256, "guide": guide_sha256, "jaxdream": __version__,
-                "recipe": recipe.to_json(weights_sha256=model_weights_sha256)}
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    # The text json.dumps(identity, sort_keys=True, separators=(",", ":")) gives for
+    # {"input", "guide", "jaxdream", "recipe"}, with the recipe's part made once per recipe:
+    # a plan of a million items would otherwise serialise the same recipe a million times.
+    dump = functools.partial(json.dumps, separators=(",", ":"))
+    text = (f'{{"guide":{dump(guide_sha256)},"input":{dump(input_sha256)},'
+            f'"jaxdream":{dump(__version__)},'
+            f'"recipe":{_recipe_text(recipe, model_weights_sha256)}}}')
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=256)
+def _recipe_text(recipe: Recipe, model_weights_sha256: str) -> str:
+    return json.dumps(recipe.to_json(weights_sha256=model_weights_sha256), sort_keys=True,
+                      separators=(",", ":"))
 
 
 def _file_sha256(path: str) -> str:
@@ -163,7 +183,7 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     object-store prefix) each item's output is uploaded there under its output's name.
     """
     out = Path(outdir)
-    stems = output_stems(inputs, out)
+    stems = output_stems(inputs, out, output_url)
     identities = {recipe.model: weights_sha256(recipe.model, weights) for recipe, _ in variants}
     # A guide image is part of every item's identity; one that cannot be read stops the job
     # before it starts (it is a setting, not one bad input among many).

@@ -382,3 +382,19 @@ def test_webdataset_shards_local_and_in_a_bucket_are_inputs(s3: dict[str, str],
         recipe = read_recipe(outcome.output)
         assert recipe["input"]["sha256"] == outcome.input_sha256 != ""
     assert hashlib.sha256(_png(40)).hexdigest() == status["train-000002.tar#2000.png"].input_sha256
+
+
+def test_item_ids_are_the_json_identity_hash_they_always_were() -> None:
+    """Ids are built without serialising the recipe per item; they must not change, or every
+    manifest written before would be re-rendered on --resume."""
+    from jaxdream import __version__
+    from jaxdream.recipe import Recipe
+    from jaxdream.render import item_id
+
+    recipe = Recipe(layers=(("block5", 1.0), ("block3", 0.5)), steps=3, octaves=2)
+    for guide in (None, "a" * 64):
+        identity = {"input": "f" * 64, "guide": guide, "jaxdream": __version__,
+                    "recipe": recipe.to_json(weights_sha256="w" * 64)}
+        text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        assert item_id("f" * 64, recipe, "w" * 64, guide) == (
+            hashlib.sha256(text.encode()).hexdigest()[:32])
