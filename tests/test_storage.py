@@ -398,3 +398,104 @@ def test_item_ids_are_the_json_identity_hash_they_always_were() -> None:
         text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         assert item_id("f" * 64, recipe, "w" * 64, guide) == (
             hashlib.sha256(text.encode()).hexdigest()[:32])
+
+
+# --------------------------------------------------------------------------------------------
+# On the 3-node 127.0.0.1 Ray cluster: a node pulled, a driver killed, inputs and outputs in S3
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(s3: dict[str, str]) -> Iterator[tuple[Any, dict[str, str]]]:
+    """Started after the S3 server, so that every node's processes find its endpoint."""
+    from ray_cluster import start_cluster
+
+    with private_ray_environment() as env:
+        cluster = start_cluster(worker_nodes=2)
+        try:
+            yield cluster, {**env, **s3}
+        finally:
+            cluster.shutdown()
+
+
+def _photos(prefix: str, count: int, seed: int) -> None:
+    for index in range(count):
+        _put(f"{prefix}/photo_{index:03d}.png", _png(seed * 1000 + index))
+
+
+def _assert_bucket_complete(prefix: str, count: int) -> list[dict[str, Any]]:
+    """One row per item, all done, each output a whole PNG; nothing else under the prefix."""
+    rows = _manifest(f"{prefix}/manifest.jsonl")
+    assert len(rows) == count and all(row["status"] == "done" for row in rows)
+    assert len({(row["id"], row["output"]) for row in rows}) == count
+    assert _keys(prefix + "/") == sorted([f"{prefix}/manifest.jsonl",
+                                          *(f"{prefix}/{row['output']}" for row in rows)])
+    for row in rows:
+        body = _client().get_object(Bucket=BUCKET, Key=f"{prefix}/{row['output']}")["Body"]
+        with Image.open(io.BytesIO(body.read())) as image:
+            image.load()
+            assert image.size == (96, 96) and "jaxdream" in image.text
+    return rows
+
+
+def test_a_node_removed_mid_job_with_bucket_io_costs_a_retry_not_an_item(
+        s3_cluster: tuple[Any, dict[str, str]], tmp_path: Path) -> None:
+    from ray_cluster import add_worker_node
+
+    from jaxdream import jobs
+    from jaxdream.config import load_config
+
+    cluster, _ = s3_cluster
+    _photos("node/in", 24, seed=3)
+    config = load_config(write_config(tmp_path / "job.yaml", "s3://photos/node/in/",
+                                      "s3://photos/node/out"))  # type: ignore[arg-type]
+    removed: list[str] = []
+    workers = {node.node_id: node for node in cluster.worker_nodes}
+
+    def pull_node(rows: list[dict[str, Any]]) -> None:
+        if not removed and rows[0]["node"] in workers:
+            removed.append(rows[0]["node"])
+            cluster.remove_node(workers[rows[0]["node"]], allow_graceful=False)
+
+    try:
+        summary = jobs.run_job(config, address=cluster.address, progress=False,
+                               on_rows=pull_node)
+    finally:
+        if removed:
+            add_worker_node(cluster)
+            cluster.wait_for_nodes()
+    assert removed and summary.retried_units >= 1
+    assert (summary.done, summary.failed, summary.not_run) == (24, 0, 0)
+    _assert_bucket_complete("node/out", 24)
+
+
+def test_a_killed_driver_with_bucket_io_resumes_from_the_manifest_parts(
+        s3_cluster: tuple[Any, dict[str, str]], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from ray_cluster import start_cli
+
+    cluster, env = s3_cluster
+    _photos("kill/in", 30, seed=4)
+    config = write_config(tmp_path / "job.yaml", "s3://photos/kill/in/", "s3://photos/kill/out",
+                          job={"unit_size": 2})  # type: ignore[arg-type]
+    driver = start_cli([str(config), "--address", cluster.address, "-q"], env)
+    try:
+        deadline = time.monotonic() + 180
+        while len(_keys("kill/out/manifest.parts/")) < 2 and driver.poll() is None:
+            assert time.monotonic() < deadline, "the first driver recorded nothing in 180 s"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+    parts = _keys("kill/out/manifest.parts/")
+    assert "kill/out/manifest.jsonl" not in _keys("kill/out/"), "it finished before the kill"
+    done_before = sum(len(_manifest(part)) for part in parts)
+    assert 4 <= done_before < 30
+
+    resumed = run_cli([str(config), "--address", cluster.address, "--resume", "-q"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done_before} of 30 item(s) already done" in resumed.stderr
+    assert f"dreamed {30 - done_before} of 30" in resumed.stderr
+    _assert_bucket_complete("kill/out", 30)
