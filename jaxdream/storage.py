@@ -229,7 +229,12 @@ def read_object(url: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
     name = redact(url)
     fs, path = filesystem(url)
     try:
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        if url.split("://", 1)[0].lower() in ("http", "https"):
+            # Streamed, so that a server that ignores Range never sends more than the cap.
+            with fs.open(path, "rb", block_size=0) as stream:
+                data = stream.read(max_bytes + 1)
+        else:
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
     except OSError as error:
         if "not satisfiable" not in str(error):
             raise ImageError(f"{name}: cannot read: {reason(error)}") from None

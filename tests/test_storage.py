@@ -499,3 +499,40 @@ def test_a_killed_driver_with_bucket_io_resumes_from_the_manifest_parts(
     assert f"resuming: {done_before} of 30 item(s) already done" in resumed.stderr
     assert f"dreamed {30 - done_before} of 30" in resumed.stderr
     _assert_bucket_complete("kill/out", 30)
+
+
+def test_http_urls_and_lists_of_them_are_inputs(tmp_path: Path) -> None:
+    """A web server on 127.0.0.1 that ignores Range requests (Python's own): the size cap
+    still holds, a missing URL is one line naming it."""
+    import functools
+    import http.server
+    import threading
+
+    from jaxdream.images import load_rgb_bytes
+
+    pytest.importorskip("aiohttp")
+    (tmp_path / "a.png").write_bytes(_png(7, side=40))
+    (tmp_path / "list.txt").write_text("a.png\nmissing.png\n", encoding="utf-8")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert expand_inputs([f"{base}/list.txt", f"{base}/a.png"]) == [
+            f"{base}/a.png", f"{base}/missing.png"]
+        assert json.loads(storage.identity(f"{base}/a.png"))["size"] == len(_png(7, side=40))
+        image = load_rgb_bytes(storage.read_object(f"{base}/a.png"), "a.png")
+        assert image.shape == (40, 40, 3)
+        with pytest.raises(ImageError, match="larger than 50 bytes"):
+            storage.read_object(f"{base}/a.png", max_bytes=50)
+        with pytest.raises(ImageError, match=f"^{base}/missing.png: cannot read: no such"):
+            storage.read_object(f"{base}/missing.png")
+    finally:
+        server.shutdown()
+        server.server_close()
