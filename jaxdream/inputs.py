@@ -14,6 +14,7 @@ from typing import Any
 from jaxdream.errors import ConfigError
 from jaxdream.files import display
 from jaxdream.shards import expand_braces, is_shard, shard_members
+from jaxdream.tables import is_table, table_inputs
 from jaxdream.storage import LIST_SUFFIXES, expand_url, is_url, read_list
 
 #: Extensions picked up by folders and globs (files named or listed explicitly are all kept).
@@ -37,6 +38,8 @@ def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
             return [path for one in names for path in _expand_entry(one, where, lenient)]
     if is_shard(entry) and (is_url(entry) or os.path.isfile(entry)):
         return shard_members(entry, name, IMAGE_EXTENSIONS)
+    if is_table(entry) and (is_url(entry) or os.path.isfile(entry)):
+        return table_inputs(entry, name)  # image rows, or a list of paths and URLs
     if is_url(entry):
         return expand_url(entry, name, IMAGE_EXTENSIONS)
     path = Path(entry)

@@ -34,6 +34,7 @@ from jaxdream import storage
 from jaxdream.images import (DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes, png_bytes, save_png,
                              to_uint8)
 from jaxdream.shards import MEMBER, read_member
+from jaxdream.tables import read_row
 from jaxdream.storage import is_url
 from jaxdream.models import load_model, weights_sha256
 from jaxdream.recipe import Recipe
@@ -245,16 +246,16 @@ def _load(item: WorkItem) -> tuple[np.ndarray, str]:
     if item.input_identity:
         # One read of the object: the same checks as a local file, on the bytes in memory.
         planned_as = json.loads(item.input_identity)
-        if planned_as.get("shard"):
-            data = read_member(item.input, planned_as)
-            shard, member = item.input.rsplit(MEMBER, 1)
-            name = storage.redact(shard) + MEMBER + member
+        if planned_as.get("shard") or planned_as.get("table"):  # a member or a row: checked
+            data = (read_member if planned_as.get("shard") else read_row)(item.input, planned_as)
+            where, part = item.input.rsplit(MEMBER, 1)
+            name = storage.redact(where) + MEMBER + part
         else:
             data = storage.read_object(item.input)
             name = storage.redact(item.input)
-        planned = planned_as.get("size")
-        if isinstance(planned, int) and len(data) != planned:
-            raise JaxdreamError(f"{name}: the object changed since the job was planned")
+            planned = planned_as.get("size")
+            if isinstance(planned, int) and len(data) != planned:
+                raise JaxdreamError(f"{name}: the object changed since the job was planned")
         image = load_rgb_bytes(data, name, max_side=item.recipe.max_side,
                                max_pixels=item.max_pixels)
         return image, hashlib.sha256(data).hexdigest()

@@ -211,10 +211,10 @@ def read_list(where: str, name: str) -> list[str]:
     lines = [line for line in lines if line and not line.startswith("#")]
     if any("\0" in line for line in lines):
         raise ConfigError(f"{name}: the list holds a NUL character")
-    return [_relative_to(where, line) for line in lines]
+    return [relative_to(where, line) for line in lines]
 
 
-def _relative_to(list_file: str, entry: str) -> str:
+def relative_to(list_file: str, entry: str) -> str:
     if is_url(entry) or os.path.isabs(entry):
         return entry
     if is_url(list_file):

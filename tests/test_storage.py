@@ -536,3 +536,56 @@ def test_http_urls_and_lists_of_them_are_inputs(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------------------------
+# Parquet: an image-bytes column (the Hugging Face datasets layout), or a list of paths
+
+
+def test_parquet_image_rows_and_path_lists_are_inputs(s3: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from jaxdream.config import load_config
+    from jaxdream.render import dream_config, plan_items
+
+    images = [_png(50), b"<html>not an image</html>", _png(51)]
+    table = pa.table({"image": [{"bytes": data, "path": f"{i}.png"}
+                                for i, data in enumerate(images)], "label": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=2)
+    buffer = io.BytesIO()
+    pq.write_table(table.slice(0, 1), buffer)
+    _put("tables/more.parquet", buffer.getvalue())
+    _put("tables/listed.png", _png(52))
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"url": ["s3://photos/tables/listed.png"]}), buffer)
+    _put("tables/list.parquet", buffer.getvalue())
+
+    entries = [str(tmp_path / "train.parquet"), "s3://photos/tables/more.parquet",
+               "s3://photos/tables/list.parquet"]
+    found = expand_inputs(entries)
+    assert found == [f"{tmp_path}/train.parquet#{i:07d}.row" for i in range(3)] + [
+        "s3://photos/tables/more.parquet#0000000.row", "s3://photos/tables/listed.png"]
+    config = load_config(write_config(tmp_path / "job.yaml", entries, tmp_path / "out",
+                                      dream={"layers": "stem", "octaves": 1, "steps": 1},
+                                      max_side=64))
+    items, failures = plan_items(config)
+    assert not failures and len(items) == 5
+    report, _ = dream_config(config, progress=False, gallery=False, report=lambda line: None)
+    by_input = {outcome.input: outcome for outcome in report.outcomes}
+    bad = by_input[f"{tmp_path}/train.parquet#0000001.row"]
+    assert bad.status == "failed" and bad.reason.startswith(
+        f"{tmp_path}/train.parquet#0000001.row: ") and "HTML" in bad.reason
+    assert sum(outcome.status == "done" for outcome in report.outcomes) == 4
+    assert by_input[f"{tmp_path}/train.parquet#0000002.row"].input_sha256 == (
+        hashlib.sha256(_png(51)).hexdigest())
+    assert len(set(os.listdir(tmp_path / "out"))) == 4
+
+
+def test_a_file_that_is_not_parquet_is_one_config_line(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1 nothing here")
+    with pytest.raises(ConfigError, match=r"inputs\[0\]: .*fake.parquet: not a readable "
+                                          r"Parquet file") as error:
+        expand_inputs([str(tmp_path / "fake.parquet")], source="inputs")
+    assert "\n" not in str(error.value)
