@@ -90,8 +90,10 @@ class Report:
 
 
 def _safe_stem(path: str) -> str:
-    """A file-name stem that cannot escape a folder, hide, or pass for an option."""
-    stem = _UNSAFE.sub("_", Path(path).stem).strip("._-")
+    """A file-name stem that cannot escape a folder, hide, or pass for an option (of a URL:
+    of its path, so that a presigned URL's signature never becomes a file name)."""
+    stem = _UNSAFE.sub("_", Path(storage.redact(path) if is_url(path) else path).stem
+                       ).strip("._-")
     return stem[:100] or "image"
 
 
@@ -370,7 +372,8 @@ def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float,
            digest: str = "") -> Outcome:
     digest = digest or item.input_sha256
     extra: dict[str, Any] = {
-        "input": {"name": Path(item.input).name, "sha256": digest,
+        "input": {"name": Path(storage.redact(item.input) if item.input_identity
+                               else item.input).name, "sha256": digest,
                   "width": int(result.shape[1]), "height": int(result.shape[0])},
         "weights": model.weights_path.name, "id": item.id}
     if item.point:

@@ -169,8 +169,14 @@ def test_objects_go_through_the_hostile_input_checks(s3: dict[str, str]) -> None
 
 
 def test_urls_are_shown_without_secrets() -> None:
+    from jaxdream.jobs.manifest import make_row
+    from jaxdream.render import Outcome, output_stems
+
     url = "https://user:pw@example.com:8443/a/b.jpg?X-Amz-Signature=abc#frag"
     assert storage.redact(url) == "https://example.com:8443/a/b.jpg"
+    assert output_stems([url], Path("out")) == ["b"]
+    row = make_row(None, Outcome(url, None, "failed", "x"), "id", Path("out"))
+    assert "abc" not in json.dumps(row) and "pw" not in json.dumps(row)
     assert storage.is_url("s3://b/k") and storage.is_url("gs://b/k")
     assert not storage.is_url("C:\\photos\\a.jpg") and not storage.is_url("photos/a.jpg")
 

@@ -296,8 +296,11 @@ class Scheduler:
 def _failed(item: WorkItem, why: str) -> Outcome:
     from jaxdream.render import Outcome
 
-    if not why.startswith(item.input):
-        why = f"{item.input}: {why}"
+    from jaxdream.storage import is_url, redact
+
+    shown = redact(item.input) if is_url(item.input) else item.input  # no presigned signature
+    if not why.startswith(shown):
+        why = f"{shown}: {why}"
     return Outcome(item.input, None, "failed", why, item.id)
 
 
