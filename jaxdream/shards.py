@@ -6,6 +6,8 @@ and modification time for a file), the member's name, offset and size. Planning 
 headers only; nothing is extracted, no member is written anywhere, and the worker reads exactly
 the member's bytes with one ranged read (:func:`read_member`), which then go through the same
 decoder and limits as any file. Only plain (uncompressed) tar is read, as WebDataset writes it.
+A shard that is not a readable tar fails alone: its members read before the damage are inputs,
+and the shard itself is one failed input (``<shard>#``) naming it and the reason.
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def _open(shard: str) -> IO[bytes]:
 def shard_members(shard: str, name: str, extensions: frozenset[str]) -> list[str]:
     """The image members of a shard as ``<shard>#<member>`` inputs, in tar order; their
     identities are registered for planning. Problems are one ConfigError naming ``name``."""
+    found: list[str] = []
     try:
         base = _shard_identity(shard)
-        found: list[str] = []
         with _open(shard) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
             for info in tar:
                 suffix = os.path.splitext(info.name)[1].lower()
@@ -89,9 +91,14 @@ def shard_members(shard: str, name: str, extensions: frozenset[str]) -> list[str
     except FileNotFoundError:
         raise ConfigError(f"{name}: no such shard {storage.redact(shard)}") from None
     except (OSError, tarfile.TarError, JaxdreamError) as error:
+        # A corrupt shard among a thousand is one bad input, not a bad config: the members
+        # read so far are kept, and the rest is one input whose worker reports why.
         why = getattr(error, "strerror", None) or storage.reason(error)
-        raise ConfigError(f"{name}: {storage.redact(shard)}: not a readable tar shard "
-                          f"({why})") from None
+        entry = f"{shard}{MEMBER}"
+        storage.register_identity(entry, json.dumps(
+            {"shard": True, "path": storage.redact(shard), "member": "",
+             "error": f"not a readable tar shard ({why})"}, sort_keys=True))
+        found.append(entry)
     if not found:
         raise ConfigError(f"{name}: {storage.redact(shard)} holds no image member")
     return found
@@ -102,6 +109,8 @@ def read_member(entry: str, identity: dict[str, Any],
     """The bytes of a shard member planned as ``identity``: one ranged read."""
     shard = entry.rsplit(MEMBER, 1)[0]
     name = storage.redact(shard) + MEMBER + identity["member"]
+    if identity.get("error"):
+        raise ImageError(f"{storage.redact(shard)}: {identity['error']}")
     offset, size = int(identity["offset"]), int(identity["size"])
     if size > max_bytes:
         raise ImageError(f"{name}: {size} bytes, larger than {max_bytes} bytes, refused")
@@ -116,5 +125,6 @@ def read_member(entry: str, identity: dict[str, Any],
     except (OSError, JaxdreamError) as error:
         raise ImageError(f"{name}: cannot read: {storage.reason(error)}") from None
     if len(data) != size:
-        raise ImageError(f"{name}: the shard changed since the job was planned")
+        raise ImageError(f"{name}: the shard ends inside this member (truncated, or changed "
+                         f"since the job was planned)")
     return data

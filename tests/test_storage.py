@@ -364,16 +364,21 @@ def test_webdataset_shards_local_and_in_a_bucket_are_inputs(s3: dict[str, str],
             f"{index}000.jpg": _png(20 + index), f"{index}000.cls": b"3",
             f"{index}001.seg.png": _png(30 + index), f"{index}001.json": b"{}"}))
     _put("shards/train-000002.tar", _shard({"2000.png": _png(40), "2001.png": b"<html>"}))
-    entries = [str(folder / "train-{000000..000001}.tar"), "s3://photos/shards/train-000002.tar"]
+    good = _shard({"3000.png": _png(41), "3001.png": _png(42)})
+    second = 512 + -(-len(_png(41)) // 512) * 512  # where the second member's header starts
+    _put("shards/train-000003.tar", good[:second + 512 + 100])  # cut inside its data
+    entries = [str(folder / "train-{000000..000001}.tar"),
+               "s3://photos/shards/train-{000002..000003}.tar"]
     found = expand_inputs(entries)
     assert [item.rsplit("#", 1)[1] for item in found] == [
-        "0000.jpg", "0001.seg.png", "1000.jpg", "1001.seg.png", "2000.png", "2001.png"]
+        "0000.jpg", "0001.seg.png", "1000.jpg", "1001.seg.png", "2000.png", "2001.png",
+        "3000.png", "3001.png", ""]
 
     config = load_config(write_config(tmp_path / "job.yaml", entries, tmp_path / "out",
                                       dream={"layers": "stem", "octaves": 1, "steps": 1},
                                       max_side=64))
     items, failures = plan_items(config)
-    assert not failures and len({item.id for item in items}) == 6
+    assert not failures and len({item.id for item in items}) == 9
     again, _ = plan_items(config)
     assert [item.id for item in again] == [item.id for item in items]  # stable, nothing read
 
@@ -382,8 +387,12 @@ def test_webdataset_shards_local_and_in_a_bucket_are_inputs(s3: dict[str, str],
     assert status["train-000002.tar#2001.png"].status == "failed"
     assert status["train-000002.tar#2001.png"].reason.startswith(
         "s3://photos/shards/train-000002.tar#2001.png: ")
+    broken = status["train-000003.tar#"]
+    assert broken.status == "failed" and broken.reason.startswith(
+        "s3://photos/shards/train-000003.tar: not a readable tar shard"), broken.reason
+    assert "ends inside this member" in status["train-000003.tar#3001.png"].reason
     done = [outcome for outcome in report.outcomes if outcome.status == "done"]
-    assert len(done) == 5
+    assert len(done) == 6
     for outcome in done:
         recipe = read_recipe(outcome.output)
         assert recipe["input"]["sha256"] == outcome.input_sha256 != ""
