@@ -3,7 +3,7 @@
 Rows (JSON objects, one per line)::
 
     {"id", "input", "output", "status", "error", "params", "point", "seconds", "worker",
-     "node", "attempt", "finished"}
+     "node", "attempt", "input_sha256", "finished"}
 
 ``output`` is relative to the manifest's folder (null for a failed item), ``status`` is
 ``done`` or ``failed``, ``error`` the one-line reason of a failure, ``params`` the item's full
