@@ -62,6 +62,7 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from jaxdream import jobs  # Ray is imported here, once the config is known to be good
     from jaxdream.files import display
+    from jaxdream.storage import redact
 
     try:
         summary = jobs.run_job(config, address=args.address, resume=args.resume,
@@ -73,11 +74,14 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"error: {display(str(error))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     except KeyboardInterrupt:
+        where = (f"the manifest parts under {redact(config.output_url)}" if config.output_url
+                 else config.output / jobs.MANIFEST_NAME)
         print(f"interrupted; finished outputs are complete and listed in "
-              f"{config.output / jobs.MANIFEST_NAME}; rerun with --resume to finish",
+              f"{where}; rerun with --resume to finish",
               file=sys.stderr)
         return 130
-    print(summary.describe(config.output), file=sys.stderr)
+    print(summary.describe(redact(config.output_url) if config.output_url else config.output),
+          file=sys.stderr)
     if summary.stopped:
         print(f"stopped: {display(summary.stopped)}", file=sys.stderr)
     elif summary.not_run:

@@ -28,11 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-
 from jaxdream.errors import ConfigError, first_few
 from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
 from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
+from jaxdream.storage import is_url
 from jaxdream.yamlfile import read_yaml
 from jaxdream.yamlfile import show as _show
 
@@ -83,6 +83,9 @@ class JobConfig:
     #: True for inputs named on the command line: an entry that yields no image is one failed
     #: input among the others; in a config file it is an error before any work starts.
     lenient_inputs: bool = False
+    #: The output as written when it is an object-store prefix (``s3://bucket/out``, no
+    #: trailing slash); ``output`` then only names outputs relative to it. "" for a folder.
+    output_url: str = ""
 
 
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -358,7 +361,8 @@ class _Reader:
                          max_file_bytes=max_file_bytes,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
-                         recipe=self.recipe_path)
+                         recipe=self.recipe_path,
+                         output_url=output.rstrip("/") if is_url(output) else "")
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None, *,

@@ -14,6 +14,7 @@ to import from tools and tests, and its behaviour must not depend on an accelera
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import re
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
@@ -42,6 +44,8 @@ __all__ = [
     "MIN_SIDE",
     "RECIPE_KEY",
     "load_rgb",
+    "load_rgb_bytes",
+    "png_bytes",
     "read_recipe",
     "save_png",
     "to_uint8",
@@ -218,8 +222,8 @@ def load_rgb(
     Limits, all checked *before* decoding: the file at most ``max_file_bytes``; JPEG metadata
     at most :data:`MAX_JPEG_METADATA_BYTES` (EXIF at most :data:`MAX_JPEG_EXIF_BYTES`);
     declared ``width * height <= max_pixels`` (decompression bombs), each side at least
-    :data:`MIN_SIDE` pixels, and the aspect ratio at most :data:`MAX_ASPECT`. Only :data:`ALLOWED_FORMATS` are decoded, whatever the extension
-    says. The whole image is decoded eagerly, so truncated or corrupt data is an error here and
+    :data:`MIN_SIDE` pixels, and the aspect ratio at most :data:`MAX_ASPECT`. Only
+    :data:`ALLOWED_FORMATS` are decoded, whatever the extension says. The whole image is decoded eagerly, so truncated or corrupt data is an error here and
     not a surprise later.
 
     Args:
@@ -237,8 +241,7 @@ def load_rgb(
         ImageError: for every problem with the file or its content, as one line
             ``"<path>: <reason>"``.
         ValueError: if ``max_side``, ``max_pixels`` or ``max_file_bytes`` is not a positive
-            integer (a bug in the
-            caller, not a property of the file).
+            integer (a bug in the caller, not a property of the file).
 
     Note:
         Pillow's warnings (corrupt EXIF, its own decompression-bomb warning) are captured with
@@ -256,7 +259,30 @@ def load_rgb(
         raise ValueError(f"max_file_bytes must be a positive integer, got {max_file_bytes!r}")
 
     name = _display(path)
-    with _open_regular_file(path, name) as fp, warnings.catch_warnings(record=True) as caught:
+    with _open_regular_file(path, name) as fp:
+        return _decode_logged(fp, name, max_side=max_side, max_pixels=max_pixels,
+                              max_file_bytes=max_file_bytes)
+
+
+def load_rgb_bytes(data: bytes, name: str, *, max_side: int | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
+    """:func:`load_rgb` for an image already in memory (an object read from a bucket or a URL):
+    the same formats, limits, normalisation and one-line errors, naming ``name``."""
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if not data:
+        raise _fail(_display(name), "empty file (0 bytes)")
+    return _decode_logged(io.BytesIO(data), _display(name), max_side=max_side,
+                          max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+
+
+def _decode_logged(fp: IO[bytes], name: str, *, max_side: int | None, max_pixels: int,
+                   max_file_bytes: int) -> np.ndarray:
+    """:func:`_decode` with Pillow's warnings about the file logged, not raised."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _check_file_size(fp, name, max_file_bytes)
         _check_jpeg_metadata(fp, name)
@@ -513,6 +539,23 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, recipe: dict[str, 
             These are caller bugs and are raised before anything touches the disk.
     """
     name = _display(path)
+    encode = _png_encoder(image, recipe)
+    try:
+        atomic_write(path, encode)
+    except OSError as exc:
+        raise _fail(name, f"cannot write PNG ({_one_line(exc.strerror or exc)})") from exc
+
+
+def png_bytes(image: np.ndarray, recipe: dict[str, Any]) -> bytes:
+    """The bytes :func:`save_png` would write: for a store written in whole objects."""
+    buffer = io.BytesIO()
+    _png_encoder(image, recipe)(buffer)
+    return buffer.getvalue()
+
+
+def _png_encoder(image: np.ndarray, recipe: dict[str, Any]) -> Callable[[IO[bytes]], None]:
+    """Checks ``image`` and ``recipe`` (caller bugs raise before anything is written) and
+    returns what writes the PNG to a binary file."""
     if not isinstance(image, np.ndarray):
         raise TypeError(f"save_png expects a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
@@ -523,12 +566,8 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, recipe: dict[str, 
     info = PngInfo()
     info.add_text(RECIPE_KEY, text)  # ASCII JSON, so Pillow writes a plain tEXt chunk
     pil = Image.fromarray(np.ascontiguousarray(image))
-
-    try:
-        atomic_write(path, lambda out: pil.save(out, format="PNG", pnginfo=info,
-                                                compress_level=6, optimize=False))
-    except OSError as exc:
-        raise _fail(name, f"cannot write PNG ({_one_line(exc.strerror or exc)})") from exc
+    return lambda out: pil.save(out, format="PNG", pnginfo=info, compress_level=6,
+                                optimize=False)
 
 
 

@@ -1,5 +1,7 @@
-"""Input entries to image paths: files, folders, globs and ``.txt`` lists, as a config's
-``inputs`` or the INPUTs of ``jaxdream dream`` name them. Nothing is opened or decoded here."""
+"""Input entries to image paths and URLs: files, folders, globs, ``.txt``/``.csv`` lists, and
+object-store prefixes, globs and objects (``s3://``, ``gs://``, ``http(s)://``, see
+:mod:`jaxdream.storage`), as a config's ``inputs`` or the INPUTs of ``jaxdream dream`` name
+them. Nothing is decoded here; remote entries are listed, never read."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from typing import Any
 
 from jaxdream.errors import ConfigError
 from jaxdream.files import display
+from jaxdream.shards import expand_braces, is_shard, shard_members
+from jaxdream.tables import is_table, table_inputs
+from jaxdream.storage import LIST_SUFFIXES, expand_url, is_url, read_list
 
 #: Extensions picked up by folders and globs (files named or listed explicitly are all kept).
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm".split())
@@ -51,17 +56,23 @@ def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None) ->
         raise ConfigError(f"{where}: expected a path, got {entry!r:.60}")
     # Strict (a config file): the key path and the entry; lenient (an INPUT): the entry alone.
     name = display(entry) if lenient else f"{where}: {entry!r}"
+    if "{" in entry and not os.path.lexists(entry):
+        names = expand_braces(entry)  # shards/train-{000000..000999}.tar
+        if len(names) > 1:
+            return [path for one in names for path in _expand_entry(one, where, lenient)]
+    if is_shard(entry) and (is_url(entry) or os.path.isfile(entry)):
+        return shard_members(entry, name, IMAGE_EXTENSIONS)
+    if is_table(entry) and (is_url(entry) or os.path.isfile(entry)):
+        return table_inputs(entry, name)  # image rows, or a list of paths and URLs
+    if is_url(entry):
+        return expand_url(entry, name, IMAGE_EXTENSIONS)
     path = Path(entry)
     try:
         if path.is_dir():
             found = _without_outputs(image_files(entry), outdir)
             empty = "holds no image file"
-        elif path.is_file() and path.suffix.lower() == ".txt":
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            found = [os.path.join(os.path.dirname(entry), line) for line in lines
-                     if line and not line.startswith("#")]
-            if any("\0" in listed for listed in found):
-                raise ConfigError(f"{name}: the list holds a NUL character")
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            found = read_list(entry, name)  # paths or URLs, relative ones from the list's folder
             empty = "lists no file"
         elif path.is_file():
             return [entry]
@@ -88,8 +99,10 @@ def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
     """The image paths that config input entries name, deduplicated in first-seen order.
 
     An entry is a file; a folder (its image files by extension, sorted, not recursive); a glob
-    (``photos/**/*.jpg``: the image files it matches, sorted); or a ``.txt`` list of paths, one
-    per line (blank lines and ``#`` comments skipped, relative paths from the list's folder).
+    (``photos/**/*.jpg``: the image files it matches, sorted); a ``.txt`` list of paths or
+    URLs, one per line (blank lines and ``#`` comments skipped, relative paths from the list's
+    folder) or a ``.csv`` one (the column headed path/url/image/file, else the first); or any
+    of these in an object store (``s3://bucket/photos/``, ``gs://b/**/*.jpg``) or on the web.
     An entry that matches nothing is a ConfigError naming ``source[index]``; pass
     ``source=f"{config.source}: inputs"``. With a ``failures`` list (inputs named on the
     command line) such an entry is appended to it as (entry, reason) instead, and any other
@@ -110,5 +123,5 @@ def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
             failures.append((entry, str(error)))
             continue
         for path in paths:
-            found.setdefault(os.path.normpath(path), path)
+            found.setdefault(path if is_url(path) else os.path.normpath(path), path)
     return list(found.values())

@@ -3,7 +3,7 @@
 Rows (JSON objects, one per line)::
 
     {"id", "input", "output", "status", "error", "params", "point", "seconds", "worker",
-     "node", "attempt", "finished"}
+     "node", "attempt", "input_sha256", "finished"}
 
 ``output`` is relative to the manifest's folder (null for a failed item), ``status`` is
 ``done`` or ``failed``, ``error`` the one-line reason of a failure, ``params`` the item's full
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jaxdream.errors import JobError
-from jaxdream.files import atomic_write
+from jaxdream.storage import is_url, redact
 
 if TYPE_CHECKING:
     from jaxdream.render import Outcome, WorkItem
@@ -199,12 +199,15 @@ def make_row(item: WorkItem | None, outcome: Outcome, id_: str, outdir: Path, *,
     output = None
     if outcome.status == "done" and outcome.output is not None:
         output = os.path.relpath(outcome.output, outdir)
+    source = item.input if item else outcome.input
     return {
-        "id": id_, "input": item.input if item else outcome.input, "output": output,
+        "id": id_, "input": redact(source) if is_url(source) else source, "output": output,
         "status": outcome.status, "error": outcome.reason,
         "params": recipe_params(item) if item else None,
         "point": dict(item.point) if item else None,
         "seconds": round(outcome.seconds, 4), "worker": worker, "node": node,
         "attempt": attempt,
+        # What the worker read (an object's bytes are hashed only there); "" if it read none.
+        "input_sha256": outcome.input_sha256 or (item.input_sha256 if item else ""),
         "finished": _now(),
     }

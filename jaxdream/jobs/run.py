@@ -44,6 +44,11 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     from jaxdream.outdir import claim, refuse_dangerous
     from jaxdream.render import plan_items
 
+    if config.output_url:  # an object-store prefix: no folder, the manifest in parts
+        from jaxdream.jobs.remote import run_remote_job
+
+        return run_remote_job(config, address=address, resume=resume, progress=progress,
+                              say=say, on_rows=on_rows, worker_wait_s=worker_wait_s)
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     start = time.perf_counter()
     refuse_dangerous(config.output, force=force)
