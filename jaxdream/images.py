@@ -404,7 +404,10 @@ def _too_large(name: str, exc: Exception, max_pixels: int) -> ImageError:
 
 
 def _check_file_size(fp: IO[bytes], name: str, max_file_bytes: int) -> None:
-    size = os.fstat(fp.fileno()).st_size
+    if isinstance(fp, io.BytesIO):  # an object already read into memory (a bucket, a URL)
+        size = len(fp.getbuffer())
+    else:
+        size = os.fstat(fp.fileno()).st_size
     if size > max_file_bytes:
         raise _fail(name, f"file too large: {size} bytes exceeds the limit of {max_file_bytes} "
                           f"(max_file_bytes; refused before reading)")
