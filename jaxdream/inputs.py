@@ -59,7 +59,7 @@ def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None) ->
     if "{" in entry and not os.path.lexists(entry):
         names = expand_braces(entry)  # shards/train-{000000..000999}.tar
         if len(names) > 1:
-            return [path for one in names for path in _expand_entry(one, where, lenient)]
+            return [path for one in names for path in _expand_entry(one, where, lenient, outdir)]
     if is_shard(entry) and (is_url(entry) or os.path.isfile(entry)):
         return shard_members(entry, name, IMAGE_EXTENSIONS)
     if is_table(entry) and (is_url(entry) or os.path.isfile(entry)):
