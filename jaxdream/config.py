@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from jaxdream.config_motion import MotionJob, read_motion
 from jaxdream.errors import ConfigError
 from jaxdream.images import DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
@@ -84,13 +85,15 @@ class JobConfig:
     #: True for inputs named on the command line: an entry that yields no image is one failed
     #: input among the others; in a config file it is an error before any work starts.
     lenient_inputs: bool = False
+    #: An ``animate:`` or ``video:`` job (:mod:`jaxdream.config_motion`); None for stills.
+    motion: MotionJob | None = None
 
 
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _JOB_TYPES = typing.get_type_hints(JobSettings)
 _JOB_MINIMUM = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 1,
                 "unit_size": 1, "retries": 0}
-_SECTIONS = ("dream", "grid", "job")
+_SECTIONS = ("dream", "grid", "job", "animate", "video")
 _VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels")
 TOP_KEYS = (*_VALUE_KEYS, *_SECTIONS)
 _FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
@@ -392,7 +395,7 @@ class _Reader:
                          job=self.job(data), max_pixels=max_pixels,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
-                         recipe=self.recipe_path)
+                         recipe=self.recipe_path, motion=read_motion(self, data, where, variants))
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None, *,

@@ -33,11 +33,10 @@ from jaxdream.motion.common import DreamSchedules, Engines, first_missing, load_
     write_frame
 from jaxdream.motion.flow import Flicker, carried_start, flicker, motion_between, \
     pair_change
-from jaxdream.motion.schedules import Bounds, Schedule
+from jaxdream.motion.schedules import VIDEO_KEYS, Schedule
 from jaxdream.recipe import Recipe
 from jaxdream.motion.videoio import VideoInfo, frame_name, read_frames
 
-VIDEO_KEYS = {"blend": Bounds(0.0, 1.0)}
 DEFAULT_BLEND = 0.8
 DEFAULT_REFRESH = 0.3
 
