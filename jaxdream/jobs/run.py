@@ -41,6 +41,11 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     from jaxdream.render import plan_items
 
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
+    if config.motion is not None:  # an animate: or video: job: clips, see .clips
+        from jaxdream.jobs.clips import run_motion_job
+
+        return run_motion_job(config, address=address, resume=resume, progress=progress,
+                              say=say, worker_wait_s=worker_wait_s)
     start = time.perf_counter()
     outdir = config.output
     items, unreadable = plan_items(config)
