@@ -223,6 +223,6 @@ def render_segments_on_ray(info: VideoInfo, segments: Sequence[Segment], video: 
                        f"finished are kept, the same command continues from them")
     seconds = [r.seconds / max(r.rendered, 1) for r in results for _ in range(r.rendered)]
     return VideoReport(sum(r.rendered for r in results), sum(r.skipped for r in results),
-                       seconds, f"{len(pool.workers)} worker(s)",
+                       seconds, f"programs in {workers}",
                        sorted({cut for r in results for cut in r.cuts}))
 

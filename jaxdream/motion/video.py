@@ -153,8 +153,9 @@ def render_segments(info: VideoInfo, segments: Sequence[Segment], video: VideoDr
     engine call; frames already saved are kept, and the render continues after them."""
     size = dream_size(info.width, info.height, video.dream.recipe.max_side)
     runs = [run for s in segments if (run := _open_run(s, info, size, folder, video))]
-    skipped = sum(s.end - s.first for s in segments) - sum(r.segment.end - r.next_frame
-                                                           for r in runs)
+    # Frames kept that are already there (a run may start in its warm-up, before its first).
+    skipped = sum(s.end - s.first for s in segments) - sum(
+        r.segment.end - max(r.next_frame, r.segment.first) for r in runs)
     rendered, seconds, cuts = 0, [], []
     while runs:
         begin = time.perf_counter()
