@@ -317,7 +317,7 @@ def _check_counts(args: argparse.Namespace) -> None:
     _check_output(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    for name in ("frames", "segments"):
+    for name in ("frames", "segments", "workers"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
@@ -481,8 +481,6 @@ def _segments_on_ray(args: argparse.Namespace, info: Any, segments: Any, video: 
     from jaxdream.config import JobSettings
     from jaxdream.jobs.motion import render_segments_on_ray
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     return render_segments_on_ray(
         info, segments, video, folder, digest, JobSettings(workers=args.workers,
         batch_size=args.batch_size), weights=args.weights, address=args.address,

@@ -204,3 +204,29 @@ def test_a_bad_motion_section_is_one_line_naming_the_key(
         load_config(config)
     text = str(caught.value)
     assert "\n" not in text and text.startswith(f"{config}: ") and message in text, text
+
+
+def test_a_segment_row_finishes_only_while_all_its_frames_are_there(tmp_path: Path) -> None:
+    from jaxdream.jobs.clips import _finished
+
+    folder = tmp_path / "clip_frames"
+    folder.mkdir()
+    for t in range(3, 6):
+        (folder / f"frame_{t:06d}.png").write_bytes(b"png")
+    row = {"id": "x", "status": "done", "output": "clip_frames", "folder": "clip_frames",
+           "frames": [3, 6]}
+    assert _finished(row, tmp_path)
+    assert not _finished({**row, "status": "failed"}, tmp_path)
+    assert not _finished({**row, "frames": [2, 6]}, tmp_path)
+    assert not _finished({**row, "frames": "3-6"}, tmp_path)
+    (folder / "frame_000004.png").unlink()
+    assert not _finished(row, tmp_path)
+
+
+def test_ray_options_are_checked_before_any_cluster_starts(
+        clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(clip), "-o", str(out), "--ray", "--workers", "0", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --workers must be at least 1, got 0"
+    assert not (tmp_path / "out_frames").exists(), "nothing is written"

@@ -126,7 +126,6 @@ def start_pool(settings: JobSettings, recipe: Recipe, weights: str | None, tasks
     return pool, plan.describe()
 
 
-# long: one loop that dispatches, collects, retries and gives up; split, it reads worse
 def run_tasks(pool: WorkerPool, tasks: Sequence[Task], *, retries: int,
               on_done: Callable[[Task, TaskResult], None],
               on_failed: Callable[[Task, str], None],
