@@ -115,6 +115,13 @@ def test_segments_on_ray_equal_segments_in_process_and_joints_do_not_flicker(
     assert later, "after a joint the warm-up gives other (but as coherent) frames"
     joints, elsewhere = vid.joint_flicker(info, tmp_path / "ray_frames", segments)
     assert joints < JOINT_FACTOR * elsewhere, (joints, elsewhere)
+    from_start = tmp_path / "from_start"  # the second segment warms up from frame 0
+    from_start.mkdir()
+    vid.render_segments(info, vid.plan_segments(info.frames, 2, 10), video, engines,
+                        from_start, "x")
+    assert all(np.array_equal(image, whole[name])
+               for name, image in _pixels(from_start).items()), \
+        "warm-up frames carry what a kept frame would: from frame 0 a segment is one stream"
 
 
 def test_a_video_job_runs_and_resumes_from_the_frames_and_rows_that_exist(

@@ -185,17 +185,19 @@ def render_segments(info: VideoInfo, segments: Sequence[Segment], video: VideoDr
         for run, full, raw, image, recipe in zip(runs, fulls, raws, dreamed, recipes,
                                                  strict=True):
             t = run.next_frame
-            run.raw, run.detail = raw, image - raw
+            output = image if full.shape == raw.shape else np.clip(
+                full + _resize(image - raw, (info.width, info.height)), 0, 255)
+            # Carry what a saved frame holds (8 bits), warm-up frames too: a resumed render
+            # then continues as the whole one did, and a segment warming up from frame 0
+            # dreams exactly the frames of one stream.
+            run.raw = raw
+            run.detail = _resize(np.rint(np.clip(output, 0, 255)), size) - raw
             if t >= run.segment.first:
-                output = image if full.shape == raw.shape else np.clip(
-                    full + _resize(run.detail, (info.width, info.height)), 0, 255)
                 path = write_frame(folder, t, output, recipe, engines.model, {
                     "input": {"name": Path(info.path).name, "sha256": input_sha256,
                               "width": info.width, "height": info.height},
                     "motion": {"kind": "independent" if video.independent else "video",
                                "blend": video.blend.at(t), "use_flow": video.use_flow}})
-                # Carry what was saved, so a resumed render continues the same way.
-                run.detail = _resize(np.rint(np.clip(output, 0, 255)), size) - raw
                 rendered += 1
                 kept += 1
                 if on_frame is not None:
