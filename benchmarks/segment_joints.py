@@ -11,8 +11,9 @@ settings otherwise. Three renders, each a ``jaxdream video`` command in a fresh 
 * ``ray``: the same with ``--ray --workers W`` (a private local Ray instance).
 
 Reported per render: wall seconds and the flicker metric across the joints of the N-segment
-plan and elsewhere (for ``sequential`` the same frame pairs, which are no joints there), and
-whether the Ray frames equal the in-process ones.
+plan and elsewhere (for ``sequential`` the same frame pairs, which are no joints there), then
+joint by joint, and whether the Ray frames equal the in-process ones. A segment whose warm-up
+reaches back to frame 0 dreams the one-stream frames, so its joint costs nothing.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def main() -> None:
                         str(tmp / name), *common, *options], check=True, env=env)
         seconds = time.perf_counter() - start
         joints, elsewhere = vid.joint_flicker(info, tmp / name, segments)
+        each = [vid.joint_flicker(info, tmp / name, [s])[0] for s in segments if s.first]
         print(f"{name:11s} {seconds:6.1f} s  flicker at the joints {joints:.2f}, elsewhere "
-              f"{elsewhere:.2f} ({joints / elsewhere:.2f}x)", flush=True)
+              f"{elsewhere:.2f} ({joints / elsewhere:.2f}x); per joint "
+              f"{', '.join(f'{value:.2f}' for value in each)}", flush=True)
     same = all(np.array_equal(load_rgb(tmp / "ray" / p.name), load_rgb(p))
                for p in sorted((tmp / "in-process").glob("frame_*.png")))
     print(f"ray frames equal the in-process frames: {same}; clip {info.describe()}, "
