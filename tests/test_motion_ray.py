@@ -220,7 +220,8 @@ def test_a_segment_row_finishes_only_while_all_its_frames_are_there(tmp_path: Pa
     folder.mkdir()
     for t in range(3, 6):
         (folder / f"frame_{t:06d}.png").write_bytes(b"png")
-    row = {"id": "x", "status": "done", "output": "clip_frames", "folder": "clip_frames",
+    row = {"id": "x", "status": "done", "output": "clip_frames/frame_000005.png",
+           "folder": "clip_frames",
            "frames": [3, 6]}
     assert _finished(row, tmp_path)
     assert not _finished({**row, "status": "failed"}, tmp_path)

@@ -4,10 +4,11 @@ Each input becomes a clip: ``OUTDIR/<stem>.<format>`` with its frames in
 ``OUTDIR/<stem>_frames/`` (``format: png``: the frame folder is the output). A video is cut
 into segments (one task each), an animation is one task; :mod:`.motion` sends the tasks to the
 workers. The manifest gets one row per finished segment (``kind: segment``, ``frames: [first,
-end]``, ``output``: the frame folder) and one per finished clip once it is encoded (``kind:
-clip``), with the same columns as a still's. ``--resume`` skips a clip whose clip row is done
-and a segment whose row is, as long as their frames (and output) exist; anything else is
-dreamed again from its first missing frame. Without ``--resume`` a job starts afresh.
+end]``, ``folder``: the frame folder) and one per finished clip once it is encoded (``kind:
+clip``), with the same columns as a still's; ``output`` is always a file (a segment's last
+frame, the clip, or a PNG folder's ``animation.json``). ``--resume`` skips a clip whose clip
+row is done and a segment whose row is, as long as their frames (and output) exist; anything
+else is dreamed again from its first missing frame. Without ``--resume`` a job starts afresh.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ class Clip:
     left: int = 0  #: tasks not finished yet
     failed: bool = False
     complete: bool = False  #: encoded and recorded
+
+    @property
+    def record(self) -> Path:
+        """The file a clip row names: the encoded clip, or a PNG folder's animation.json
+        (rows name files, so that every manifest reader can check that they exist)."""
+        from jaxdream.motion.common import ANIMATION_FILE
+
+        return self.output if self.output != self.folder else self.folder / ANIMATION_FILE
+
+    def last_frame(self, frames: tuple[int, int]) -> Path:
+        """The file a segment row names: the segment's last frame."""
+        from jaxdream.motion.videoio import frame_name
+
+        return self.folder / frame_name(frames[1] - 1)
 
 
 def _digest(path: str) -> str:
@@ -133,7 +148,7 @@ def _finished(row: Mapping[str, Any], outdir: Path) -> bool:
             or not isinstance(folder, str) or not isinstance(frames, list) or len(frames) != 2
             or not all(isinstance(t, int) for t in frames)):
         return False
-    return (outdir / row["output"]).exists() and all(
+    return (outdir / row["output"]).is_file() and all(
         (outdir / folder / frame_name(t)).is_file() for t in range(frames[0], frames[1]))
 
 
@@ -159,11 +174,11 @@ class _Job:
     def done(self, task: Task, result: TaskResult) -> None:
         clip, id_, frames = task.key
         kind = "segment" if task.method == "segment" else "clip"
-        output = clip.folder if kind == "segment" else clip.output
         if kind == "clip":  # an animation: encode before its row says it is done
             self.finish(clip, id_, result, task.attempts + 1)
         else:
-            self.writer.append([_row(clip, id_, output, frames, "done", self.outdir,
+            self.writer.append([_row(clip, id_, clip.last_frame(frames), frames, "done",
+                                     self.outdir,
                                      kind=kind, result=result, attempt=task.attempts + 1)])
         self.summary.done += 1
         clip.left -= 1
@@ -196,7 +211,7 @@ class _Job:
             self.summary.failed += 1
             self.say(f"error: {display(why)}")
             return
-        self.writer.append([_row(clip, id_, clip.output, (0, clip.frames), "done",
+        self.writer.append([_row(clip, id_, clip.record, (0, clip.frames), "done",
                                  self.outdir, kind="clip", result=result, attempt=attempt)])
         clip.complete = True
         self.say(f"{display(clip.output)}: {clip.frames} frame(s)")
@@ -235,14 +250,15 @@ def run_motion_job(config: JobConfig, *, address: str | None = None, resume: boo
     todo: list[Task] = []
     for clip in clips:
         summary.planned += len(clip.tasks)
-        row = before.get((clip.id, os.path.relpath(clip.output, outdir)))
+        row = before.get((clip.id, os.path.relpath(clip.record, outdir)))
         if row is not None:
             keep.append(row)
             clip.complete = True
             summary.already_done += len(clip.tasks)
             continue
         for task in clip.tasks:
-            row = before.get((task.key[1], os.path.relpath(clip.folder, outdir)))
+            row = before.get((task.key[1],
+                              os.path.relpath(clip.last_frame(task.key[2]), outdir)))
             if row is not None and task.method == "segment":
                 keep.append(row)
                 summary.already_done += 1
