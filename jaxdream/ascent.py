@@ -133,17 +133,21 @@ def fill_padding(x: jax.Array, size: jax.Array) -> jax.Array:
 
 def resize_real(x: jax.Array, size: jax.Array, shape: tuple[int, int], new_size: jax.Array
                 ) -> jax.Array:
-    """Bilinear resize (no antialiasing, as the notebook's order-1 zoom) of the real part
-    ``size`` of ``x`` to the real part ``new_size`` of a ``shape`` buffer.
+    """Bilinear resize of the real part ``size`` of ``x`` to the real part ``new_size`` of a
+    ``shape`` buffer, as the notebook's ``scipy.ndimage.zoom(order=1)``: no antialiasing, and
+    the corner pixels of both grids aligned (output pixel i samples input position
+    ``i * (size - 1) / (new_size - 1)``), so samples never leave the real part.
 
-    When the real part fills both buffers this is exactly ``jax.image.resize``. The padding of
-    ``x`` must replicate its edge: bilinear weights reaching past the edge then read what an
-    edge clamp would.
+    Up to jaxdream 0.1 this sampled at pixel centres (``jax.image.resize``'s convention),
+    which differs from the notebook by up to tens of grey levels on fine texture.
     """
-    scale = new_size.astype(jnp.float32) / size.astype(jnp.float32)
+    real = size.astype(jnp.float32)
+    scale = jnp.maximum((new_size.astype(jnp.float32) - 1.0) / jnp.maximum(real - 1.0, 1.0),
+                        1e-6)
+    # scale_and_translate samples input (o + 0.5 - t) / s - 0.5 for output o: this t makes it
+    # o / s, the aligned-corners position.
     out = jax.image.scale_and_translate(x, (*shape, x.shape[-1]), (0, 1), scale,
-                                        jnp.zeros((2,), jnp.float32), method="linear",
-                                        antialias=False)
+                                        0.5 * (1.0 - scale), method="linear", antialias=False)
     return fill_padding(out, new_size)
 
 

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from jaxdream import __version__
-from jaxdream.errors import JaxdreamError
+from jaxdream.errors import JaxdreamError, brief
+from jaxdream.outdir import claim
 
 if TYPE_CHECKING:  # the library is imported lazily, so that --help and --version are instant
     from jaxdream.config import JobConfig
@@ -90,12 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     dream.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse images whose header declares more than N pixels, before "
                             "decoding them (default 67108864 = 8192 x 8192)")
+    dream.add_argument("--max-file-bytes", type=int, default=None, metavar="N",
+                       help="refuse input files larger than N bytes, before reading them "
+                            "(default 268435456 = 256 MiB)")
     dream.add_argument("--batch-size", type=int, default=None,
                        help="images of one shape bucket dreamed together in one compiled "
                             "call (default: 1 on CPU, where batching does not pay, 8 on "
                             "GPU/TPU)")
     dream.add_argument("--overwrite", action="store_true",
                        help="replace outputs that already exist (default: skip them)")
+    dream.add_argument("--force", action="store_true",
+                       help="allow the filesystem root or the home folder itself as OUTDIR")
     dream.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     classify = commands.add_parser(
@@ -169,8 +175,9 @@ def job_config(args: argparse.Namespace) -> JobConfig:
                 settings[name] = [int(item) for item in value.split(",") if item.strip()]
             except ValueError:
                 raise JaxdreamError(f"--{name}: expected integers like 3,17, got "
-                                    f"{value!r}") from None
-    settings.update(weights=args.weights, max_pixels=args.max_pixels)
+                                    f"{brief(value)}") from None
+    settings.update(weights=args.weights, max_pixels=args.max_pixels,
+                    max_file_bytes=args.max_file_bytes)
     if args.config is not None:
         if args.inputs:
             raise JaxdreamError(f"--config names the inputs; remove {', '.join(args.inputs[:3])} "
@@ -188,11 +195,14 @@ def _run_dream(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise JaxdreamError(f"--batch-size must be at least 1, got {args.batch_size}")
     config = job_config(args)
-    _use_compilation_cache()
-    start = time.perf_counter()
-    report, gallery = dream_config(config, batch_size=args.batch_size,
-                                   overwrite=args.overwrite, progress=not args.quiet,
-                                   gallery=args.config is not None)
+    # Claimed before the model loads: a busy, unwritable or dangerous folder is refused at
+    # once, and no second job writes here (outputs, sheets, gallery) until this one is done.
+    with claim(config.output, "jaxdream dream", force=args.force):
+        _use_compilation_cache()
+        start = time.perf_counter()
+        report, gallery = dream_config(config, batch_size=args.batch_size,
+                                       overwrite=args.overwrite, progress=not args.quiet,
+                                       gallery=args.config is not None)
     if len(config.variants) == 1:
         recipe = config.variants[0].recipe
         what = f"layers {recipe.layers_text}, {recipe.octaves} octaves x {recipe.steps} steps"
@@ -205,7 +215,8 @@ def _run_dream(args: argparse.Namespace) -> int:
     for outcome in report.outcomes:
         if outcome.status == "done":
             print(outcome.output)
-    return EXIT_SOME_FAILED if any(o.status == "failed" for o in report.outcomes) else EXIT_OK
+    failed = any(o.status == "failed" for o in report.outcomes) or report.problems
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def _run_classify(args: argparse.Namespace) -> int:

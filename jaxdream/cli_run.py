@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxdream.errors import ConfigError, JaxdreamError
+from jaxdream.outdir import OutputBusy
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -39,6 +40,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip items the manifest records as done whose output exists; "
                              "render the rest")
+    parser.add_argument("--force", action="store_true",
+                        help="allow the filesystem root or the home folder itself as OUTDIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -61,22 +64,26 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from jaxdream import jobs  # Ray is imported here, once the config is known to be good
     from jaxdream.files import display
+    from jaxdream.storage import redact
 
     try:
         summary = jobs.run_job(config, address=args.address, resume=args.resume,
-                               progress=not args.quiet)
-    except ConfigError as error:
+                               progress=not args.quiet, force=args.force)
+    except (ConfigError, OutputBusy) as error:  # nothing ran: wrong options, or a busy folder
         print(f"error: {display(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except JaxdreamError as error:
         print(f"error: {display(str(error))}", file=sys.stderr)
         return EXIT_SOME_FAILED
     except KeyboardInterrupt:
+        where = (f"the manifest parts under {redact(config.output_url)}" if config.output_url
+                 else config.output / jobs.MANIFEST_NAME)
         print(f"interrupted; finished outputs are complete and listed in "
-              f"{config.output / jobs.MANIFEST_NAME}; rerun with --resume to finish",
+              f"{where}; rerun with --resume to finish",
               file=sys.stderr)
         return 130
-    print(summary.describe(config.output), file=sys.stderr)
+    print(summary.describe(redact(config.output_url) if config.output_url else config.output),
+          file=sys.stderr)
     if summary.stopped:
         print(f"stopped: {display(summary.stopped)}", file=sys.stderr)
     elif summary.not_run:

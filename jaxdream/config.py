@@ -3,9 +3,9 @@
 A config names inputs, an output folder, the model, the dream's settings (``dream:``), an
 optional ``grid:`` of settings to vary (their cartesian product in file order; first axis =
 rows of a contact sheet) and an optional ``job:`` for ``jaxdream run``; ``configs/`` holds
-examples. Configs are untrusted: read with ``yaml.safe_load`` only, capped in size and in what
-their aliases expand to, every key and value checked, every grid variant validated before any
-work starts. Errors are one-line ConfigErrors naming the file, the key path (``dream.steps``,
+examples. Configs are untrusted: read by :mod:`jaxdream.yamlfile` (safe loader only, capped
+in size and in what their aliases expand to, duplicate keys refused), every key and value
+checked, every grid variant validated before any work starts. Errors are one-line ConfigErrors naming the file, the key path (``dream.steps``,
 ``grid.step_size[2]``) and the reason.
 
 Relative paths (inputs, output, weights, guide) resolve against the current working directory,
@@ -22,24 +22,21 @@ import difflib
 import itertools
 import math
 import os
-import reprlib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
 from jaxdream.config_motion import MotionJob, read_motion
-from jaxdream.errors import ConfigError
-from jaxdream.images import DEFAULT_MAX_PIXELS
+from jaxdream.errors import ConfigError, first_few
+from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
 from jaxdream.recipe import PRESETS, Recipe, format_layers, parse_layers
+from jaxdream.storage import is_url
+from jaxdream.yamlfile import read_yaml
+from jaxdream.yamlfile import show as _show
 
-MAX_FILE_BYTES = 1 << 20
-#: Values once aliases are expanded: 1 MiB holds ~500,000 without aliases; only a bomb gets here.
-MAX_VALUES = 1_000_000
 MAX_VARIANTS = 10_000
 
 
@@ -78,6 +75,8 @@ class JobConfig:
     job: JobSettings
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Input files larger than this many bytes are refused before they are read.
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     #: SHA-256 of the weights a ``--recipe`` PNG was rendered with (None without one, or when
     #: the model differs from the PNG's); rendering with other weights is refused.
     recipe_weights_sha256: str | None = None
@@ -87,6 +86,9 @@ class JobConfig:
     lenient_inputs: bool = False
     #: An ``animate:`` or ``video:`` job (:mod:`jaxdream.config_motion`); None for stills.
     motion: MotionJob | None = None
+    #: The output as written when it is an object-store prefix (``s3://bucket/out``, no
+    #: trailing slash); ``output`` then only names outputs relative to it. "" for a folder.
+    output_url: str = ""
 
 
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -94,7 +96,8 @@ _JOB_TYPES = typing.get_type_hints(JobSettings)
 _JOB_MINIMUM = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 1,
                 "unit_size": 1, "retries": 0}
 _SECTIONS = ("dream", "grid", "job", "animate", "video")
-_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels")
+_VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels",
+               "max_file_bytes")
 TOP_KEYS = (*_VALUE_KEYS, *_SECTIONS)
 _FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 DREAM_KEYS = tuple(name for name in _FIELDS if name not in ("model", "max_side"))
@@ -111,11 +114,6 @@ _MISPLACED = {
     "grid.preset": "cannot be a grid axis: the preset gives the base values; vary the fields",
 }
 
-# Short reprs keep messages to one readable line whatever a hostile file holds.
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
-_show = _SHORT.repr
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
@@ -123,46 +121,8 @@ def _suggest(key: str, known: Sequence[str]) -> str:
     return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
 
 
-def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
-    """Values in ``node`` with aliases expanded, each shared object sized once, so a YAML bomb
-    is measured, never expanded. A value containing itself ends in RecursionError."""
-    if not isinstance(node, (list, dict, set)):
-        return 1
-    if id(node) not in sizes:
-        children = node.values() if isinstance(node, dict) else node
-        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
-    return sizes[id(node)]
-
-
 def _read_yaml(source: str) -> dict[Any, Any]:
-    try:
-        with open(source, "rb") as file:
-            raw = file.read(MAX_FILE_BYTES + 1)
-    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
-        raise ConfigError(f"{source}: cannot read the config: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"{source}: too large for a config (over {MAX_FILE_BYTES} bytes)")
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-        size = _expanded_size(data, {})
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {error.start})") from None
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as error:
-        # ValueError and friends come from PyYAML's own constructors (e.g. the date 2024-13-45);
-        # its own errors quote the text over several lines, so take the problem and its place.
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = " ".join(str(getattr(error, "problem", None) or error).split())
-        raise ConfigError(f"{source}: not valid YAML: {reason}{where}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: refused: nested too deeply, or a value contains itself "
-                          f"(recursive alias)") from None
-    if data is None:
-        raise ConfigError(f"{source}: the config is empty")
-    if size > MAX_VALUES:
-        raise ConfigError(f"{source}: refused: more than {MAX_VALUES} values once aliases are "
-                          f"expanded")
+    data = read_yaml(source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys "
                           f"({', '.join(TOP_KEYS)}), got {type(data).__name__}")
@@ -245,6 +205,9 @@ class _Reader:
                 if not isinstance(name, str):
                     raise self.fail(path, f"layer names must be text, got {_show(name)}")
                 weights[name] = self.typed(weight, float, f"{path}.{name}")
+                if math.isinf(weights[name]):  # JSON's and YAML's 1e400 read as infinity
+                    raise self.fail(f"{path}.{name}", "weight is too large (it overflows to "
+                                                      "infinity); give a finite number")
                 if not math.isfinite(weights[name]):
                     raise self.fail(f"{path}.{name}", f"weight must be finite, got {weight}")
             value = format_layers(weights)
@@ -302,7 +265,8 @@ class _Reader:
             return {}
         unknown = sorted(set(recipe) - set(_FIELDS) - _META_KEYS)
         if unknown:
-            raise ConfigError(f"{self.recipe_source}: unknown recipe key(s) {unknown}")
+            raise ConfigError(f"{self.recipe_source}: {len(unknown)} unknown recipe key(s): "
+                              f"{first_few(list(unknown))}")
         return {key: self.field(key, recipe[key], f"recipe.{key}", spec) for key in _FIELDS
                 # Under another model the PNG's layers mean nothing: that model's default.
                 if key in recipe and key != "model" and (key != "layers" or same_model)}
@@ -379,6 +343,10 @@ class _Reader:
         max_pixels = self.typed(data.get("max_pixels", DEFAULT_MAX_PIXELS), int, "max_pixels")
         if max_pixels < 16 * 16:
             raise self.fail("max_pixels", f"must be at least 256 (16 x 16), got {max_pixels}")
+        max_file_bytes = self.typed(data.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES), int,
+                                    "max_file_bytes")
+        if max_file_bytes < 1024:
+            raise self.fail("max_file_bytes", f"must be at least 1024, got {max_file_bytes}")
 
         from_recipe = self.recipe_values(recipe, spec, same_model=model == recipe_model)
         values, where = self.settings(data, spec)
@@ -393,9 +361,11 @@ class _Reader:
         return JobConfig(source=self.source, inputs=inputs, output=Path(output), model=model,
                          weights=weights, variants=variants, grid=tuple(axes),
                          job=self.job(data), max_pixels=max_pixels,
+                         max_file_bytes=max_file_bytes,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
-                         recipe=self.recipe_path, motion=read_motion(self, data, where, variants))
+                         recipe=self.recipe_path, motion=read_motion(self, data, where, variants),
+                         output_url=output.rstrip("/") if is_url(output) else "")
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None, *,

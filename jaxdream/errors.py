@@ -30,3 +30,17 @@ class ConfigError(JaxdreamError):
 
 class JobError(JaxdreamError):
     """A job as a whole cannot go on (no cluster, no worker, the manifest cannot be written)."""
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for quoting untrusted values in a
+    message: a recipe or config can hold a megabyte where a name was expected."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def first_few(items: list[object], count: int = 5) -> str:
+    """The first ``count`` of ``items``, each :func:`brief`, and how many more, so a list of
+    100,000 offenders is one short line: ``-1, -2, -3, -4, -5 and 99995 more``."""
+    shown = ", ".join(brief(item, 30) for item in items[:count])
+    return shown + (f" and {len(items) - count} more" if len(items) > count else "")

@@ -265,11 +265,13 @@ background:#444;color:#bbb}.badge{color:#fc6;font-size:12px}.reason{color:#f88}
 li{margin-bottom:.6em}"""
 
 
-def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str = "jaxdream") -> Path:
+def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str = "jaxdream",
+                  summary: str | None = None) -> Path:
     """Write ``outdir/index.html`` (plus ``outdir/thumbs/``) showing ``entries``; returns its path.
 
     Sheets come first, then outputs grouped by input in the order given, then everything that
-    was not rendered (failed, or no output file) with its reason. ``output`` paths are taken as
+    was not rendered (failed, or no output file) with its reason. ``summary`` (HTML) replaces the
+    line of counts, for a page that shows a part of a big job. ``output`` paths are taken as
     given (absolute, or relative to the working directory); one outside ``outdir`` is listed
     without a link, so the page never points outside its own folder. Thumbnails are JPEGs named
     after the output plus a hash of its path, reused while newer than the output. Raises
@@ -310,7 +312,8 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
         body = [f"<h1>{_esc(title)}</h1>"]
         outputs = [e for e in entries if e.kind != "sheet"]
         counts = {s: sum(e.status == s for e in outputs) for s in ("done", "skipped", "failed")}
-        body.append("<p>" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "</p>")
+        body.append(summary if summary is not None else
+                    "<p>" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "</p>")
         for kind, heading in (("sheet", "Contact sheets"), ("image", "Outputs")):
             if sections[kind]:
                 body.append(f"<h2>{heading}</h2>")
@@ -325,7 +328,11 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
         index = outdir / "index.html"
         atomic_write(index, lambda out: out.write(page.encode("utf-8")))
     except OSError as exc:
-        raise JaxdreamError(f"{_text(outdir)}: cannot write the gallery ({exc.strerror or exc})") from exc
+        where = exc.filename if isinstance(exc.filename, str) else outdir
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError) and os.path.abspath(where) == os.path.abspath(thumbs):
+            why = "it exists and is not a folder"  # mkdir's EEXIST on a file or FIFO in the way
+        raise JaxdreamError(f"{_text(where)}: cannot write the gallery ({why})") from exc
     return index
 
 
@@ -333,9 +340,34 @@ def write_gallery(outdir: Path, entries: Sequence[GalleryEntry], *, title: str =
 # A job's sheets and gallery
 
 
-#: Above this many outputs the gallery is not written: a page of 100,000 thumbnails helps no
-#: one, and the manifest lists every output anyway.
+#: Above this many outputs the gallery is a summary: a page of 100,000 thumbnails helps no
+#: one (and would make the driver read every output), and the manifest lists every output.
 GALLERY_LIMIT = 2000
+#: A summary page shows the first outputs and the first failures, no more.
+SUMMARY_OUTPUTS = 200
+SUMMARY_FAILURES = 1000
+
+
+def _summary(items: Sequence[WorkItem], by_id: Mapping[str, Outcome]
+             ) -> tuple[str, list[WorkItem]]:
+    """The counts line of a big job's page, and the items it shows: the first
+    :data:`SUMMARY_OUTPUTS` done ones and the first :data:`SUMMARY_FAILURES` failed ones."""
+    counts: dict[str, int] = {}
+    done: list[WorkItem] = []
+    failed: list[WorkItem] = []
+    for item in items:
+        outcome = by_id.get(item.id)
+        status = outcome.status if outcome else "missing"
+        counts[status] = counts.get(status, 0) + 1
+        if status == "done" and len(done) < SUMMARY_OUTPUTS:
+            done.append(item)
+        elif status != "done" and len(failed) < SUMMARY_FAILURES:
+            failed.append(item)
+    text = (f"<p>{len(items)} outputs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + f". This page shows the first {len(done)} outputs and the first {len(failed)} "
+            f'that were not rendered; <a href="manifest.jsonl">manifest.jsonl</a> lists every '
+            f"one.</p>")
+    return text, done + failed
 
 
 def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
@@ -343,9 +375,12 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
                        report: Callable[[str], None] | None = None) -> Path | None:
     """Writes a contact sheet per input (when the job has a grid) and ``OUTDIR/index.html``.
 
-    Returns the gallery's path, or None when the job is too big for one page. A sheet that
-    cannot be written is reported and does not stop the others: the dreams themselves are
-    already safe on disk.
+    Returns the gallery's path (None if it cannot be written); a job of more than
+    :data:`GALLERY_LIMIT` outputs gets a summary page (:func:`_summary`). A sheet that cannot be
+    written is reported (an ``error:`` line, which callers count into the exit status) and does
+    not stop the others: the dreams themselves are already safe on disk. Inputs that failed
+    before they became items (missing, a device, empty) are listed too, so the gallery, the
+    summary and the manifest agree.
     """
     say = report or (lambda line: print(line, file=sys.stderr))
     by_id = {outcome.id: outcome for outcome in outcomes if outcome.id}
@@ -369,11 +404,11 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
                 continue
             entries.append(GalleryEntry(sheet, Path(path).name, {"grid": " x ".join(
                 name for name, _ in config.grid)}, "done", kind="sheet"))
+    summary = None
+    shown: Sequence[WorkItem] = items
     if len(items) > GALLERY_LIMIT:
-        say(f"note: {len(items)} outputs, more than {GALLERY_LIMIT}: no index.html written "
-            f"(the manifest lists every output)")
-        return None
-    for item in items:
+        summary, shown = _summary(items, by_id)
+    for item in shown:
         outcome = by_id.get(item.id)
         params = {"layers": item.recipe.layers_text, "steps": item.recipe.steps,
                   "octaves": item.recipe.octaves, "step_size": item.recipe.step_size,
@@ -381,8 +416,14 @@ def sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem],
         entries.append(GalleryEntry(item.output, Path(item.input).name, params,
                                     outcome.status if outcome else "missing",
                                     outcome.reason if outcome else ""))
+    planned = {item.id for item in items}
+    for outcome in outcomes:  # inputs that failed before they became items (missing, a FIFO)
+        if outcome.status == "failed" and outcome.id not in planned:
+            entries.append(GalleryEntry(config.output / Path(outcome.input).name,
+                                        outcome.input, {}, "failed", outcome.reason))
     try:
-        return write_gallery(config.output, entries, title=f"jaxdream: {config.source}")
-    except (JaxdreamError, OSError) as error:
-        say(f"error: gallery {config.output / 'index.html'}: {error}")
+        return write_gallery(config.output, entries, title=f"jaxdream: {config.source}",
+                             summary=summary)
+    except (JaxdreamError, OSError) as error:  # the message names the path at fault
+        say(f"error: gallery not written: {error}")
         return None

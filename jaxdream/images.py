@@ -14,12 +14,15 @@ to import from tools and tests, and its behaviour must not depend on an accelera
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import re
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
@@ -32,12 +35,17 @@ from jaxdream.files import display as _display
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "MAX_JPEG_EXIF_BYTES",
+    "MAX_JPEG_METADATA_BYTES",
     "MAX_ASPECT",
     "MAX_RECIPE_BYTES",
     "MIN_SIDE",
     "RECIPE_KEY",
     "load_rgb",
+    "load_rgb_bytes",
+    "png_bytes",
     "read_recipe",
     "save_png",
     "to_uint8",
@@ -52,6 +60,19 @@ _log = logging.getLogger(__name__)
 #: claiming 100000 x 100000 pixels costs nothing. Pillow's own guard (``Image.MAX_IMAGE_PIXELS``,
 #: an error above twice its value) still applies on top and is reported the same way.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+
+#: Largest image *file* we open: 256 MiB. A 67-megapixel photo is a few tens of MB as JPEG and
+#: about 200 MB as an uncompressed 8-bit TIFF; anything larger is mostly not pixels (metadata,
+#: padding, appended data) and is refused from its size alone, before a byte is read.
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+
+#: JPEG metadata (APPn and COM segments before the image data) we let the decoder read: 16 MiB
+#: in all, of which at most 1 MiB of EXIF. Real photos carry tens of KB (EXIF is one 64 KB
+#: segment by the standard; ICC profiles and XMP can reach a few MB). Pillow joins EXIF segments
+#: one by one, so 60 MB of EXIF in 920 segments costs it quadratic copying (17 s); the segment
+#: headers are walked first, without reading their contents, and such files refused.
+MAX_JPEG_METADATA_BYTES = 16 * 2**20
+MAX_JPEG_EXIF_BYTES = 2**20
 
 #: Smallest accepted side, in pixels. DeepDream works on an image pyramid; below this size there
 #: is no octave left to work on and a convolutional network sees mostly padding. Such files are
@@ -79,6 +100,9 @@ MAX_RECIPE_BYTES = 1024 * 1024
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PIL_DIR = os.path.dirname(os.path.abspath(Image.__file__)) + os.sep
 _MAX_REASON_CHARS = 200
+# Segments a JPEG may have before its image data; each costs the decoder a Python loop turn.
+_MAX_JPEG_SEGMENTS = 4096
+_PILLOW_BOMB = re.compile(r"Image size \((\d+) pixels\) exceeds limit of (\d+)")
 
 # Pillow modes holding 16-bit unsigned samples (one grey channel).
 _MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -177,6 +201,7 @@ def load_rgb(
     *,
     max_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> np.ndarray:
     """Load an image file as an ``(H, W, 3)`` ``uint8`` RGB array, or raise :class:`ImageError`.
 
@@ -194,10 +219,11 @@ def load_rgb(
     * Multi-frame files (animated GIF/PNG/WebP, multi-page TIFF) give their **first frame
       only**; jaxdream renders stills.
 
-    Limits, all checked on the header *before* decoding: ``width * height <= max_pixels``
-    (decompression bombs), each side at least :data:`MIN_SIDE` pixels, and the aspect ratio at
-    most :data:`MAX_ASPECT`. Only :data:`ALLOWED_FORMATS` are decoded, whatever the extension
-    says. The whole image is decoded eagerly, so truncated or corrupt data is an error here and
+    Limits, all checked *before* decoding: the file at most ``max_file_bytes``; JPEG metadata
+    at most :data:`MAX_JPEG_METADATA_BYTES` (EXIF at most :data:`MAX_JPEG_EXIF_BYTES`);
+    declared ``width * height <= max_pixels`` (decompression bombs), each side at least
+    :data:`MIN_SIDE` pixels, and the aspect ratio at most :data:`MAX_ASPECT`. Only
+    :data:`ALLOWED_FORMATS` are decoded, whatever the extension says. The whole image is decoded eagerly, so truncated or corrupt data is an error here and
     not a surprise later.
 
     Args:
@@ -206,6 +232,7 @@ def load_rgb(
             that the longer side equals ``max_side`` (aspect ratio kept, each side at least 1).
             Images are never upscaled.
         max_pixels: refuse images whose declared pixel count exceeds this.
+        max_file_bytes: refuse files larger than this many bytes.
 
     Returns:
         A new, writable, C-contiguous ``(H, W, 3)`` ``uint8`` array.
@@ -213,8 +240,8 @@ def load_rgb(
     Raises:
         ImageError: for every problem with the file or its content, as one line
             ``"<path>: <reason>"``.
-        ValueError: if ``max_side`` or ``max_pixels`` is not a positive integer (a bug in the
-            caller, not a property of the file).
+        ValueError: if ``max_side``, ``max_pixels`` or ``max_file_bytes`` is not a positive
+            integer (a bug in the caller, not a property of the file).
 
     Note:
         Pillow's warnings (corrupt EXIF, its own decompression-bomb warning) are captured with
@@ -228,10 +255,37 @@ def load_rgb(
         raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if isinstance(max_file_bytes, bool) or not isinstance(max_file_bytes, int) or max_file_bytes < 1:
+        raise ValueError(f"max_file_bytes must be a positive integer, got {max_file_bytes!r}")
 
     name = _display(path)
-    with _open_regular_file(path, name) as fp, warnings.catch_warnings(record=True) as caught:
+    with _open_regular_file(path, name) as fp:
+        return _decode_logged(fp, name, max_side=max_side, max_pixels=max_pixels,
+                              max_file_bytes=max_file_bytes)
+
+
+def load_rgb_bytes(data: bytes, name: str, *, max_side: int | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
+    """:func:`load_rgb` for an image already in memory (an object read from a bucket or a URL):
+    the same formats, limits, normalisation and one-line errors, naming ``name``."""
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if not data:
+        raise _fail(_display(name), "empty file (0 bytes)")
+    return _decode_logged(io.BytesIO(data), _display(name), max_side=max_side,
+                          max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+
+
+def _decode_logged(fp: IO[bytes], name: str, *, max_side: int | None, max_pixels: int,
+                   max_file_bytes: int) -> np.ndarray:
+    """:func:`_decode` with Pillow's warnings about the file logged, not raised."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        _check_file_size(fp, name, max_file_bytes)
+        _check_jpeg_metadata(fp, name)
         array = _decode(fp, name, max_side=max_side, max_pixels=max_pixels)
     for w in caught:
         if issubclass(w.category, Image.DecompressionBombWarning):
@@ -251,7 +305,7 @@ def _decode(fp: IO[bytes], name: str, *, max_side: int | None, max_pixels: int) 
     try:
         img = Image.open(fp, formats=list(ALLOWED_FORMATS))
     except Image.DecompressionBombError as exc:
-        raise _fail(name, f"image too large, refused before decoding ({_one_line(exc)})") from exc
+        raise _too_large(name, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
         try:
             fp.seek(0)
@@ -284,7 +338,7 @@ def _decode(fp: IO[bytes], name: str, *, max_side: int | None, max_pixels: int) 
                 img.draft(None, _fit_longer_side(width, height, max_side))
             img.load()
         except Image.DecompressionBombError as exc:
-            raise _fail(name, f"image too large, refused before decoding ({_one_line(exc)})") from exc
+            raise _too_large(name, exc, max_pixels) from exc
         except Exception as exc:
             raise _fail(name, f"truncated or corrupt image data ({_one_line(exc)})") from exc
 
@@ -323,7 +377,7 @@ def _check_declared_size(name: str, width: int, height: int, max_pixels: int) ->
         raise _fail(
             name,
             f"image too large: declared {width}x{height} = {width * height} pixels exceeds the "
-            f"limit of {max_pixels} (refused before decoding)",
+            f"limit of {max_pixels} (--max-pixels; refused before decoding)",
         )
     if min(width, height) < MIN_SIDE:
         raise _fail(name, f"image too small: {width}x{height} pixels, need at least {MIN_SIDE} on each side")
@@ -331,6 +385,72 @@ def _check_declared_size(name: str, width: int, height: int, max_pixels: int) ->
         raise _fail(
             name, f"absurd aspect ratio: {width}x{height} pixels is more elongated than {MAX_ASPECT}:1"
         )
+
+
+def _too_large(name: str, exc: Exception, max_pixels: int) -> ImageError:
+    """Pillow's own bomb guard fired (it runs inside ``Image.open``, before our check can see
+    the size): report it against jaxdream's limit, the one the user can change."""
+    match = _PILLOW_BOMB.search(str(exc))
+    if match is None:
+        return _fail(name, f"image too large: exceeds the limit of {max_pixels} pixels "
+                           f"(--max-pixels; refused before decoding)")
+    declared, pillow_limit = int(match.group(1)), int(match.group(2))
+    if declared > max_pixels:
+        return _fail(name, f"image too large: declared {declared} pixels exceeds the limit of "
+                           f"{max_pixels} (--max-pixels; refused before decoding)")
+    return _fail(name, f"image too large: declared {declared} pixels, more than the decoder "
+                       f"(Pillow) allows ({pillow_limit}), even though --max-pixels is "
+                       f"{max_pixels}; refused before decoding")
+
+
+def _check_file_size(fp: IO[bytes], name: str, max_file_bytes: int) -> None:
+    if isinstance(fp, io.BytesIO):  # an object already read into memory (a bucket, a URL)
+        size = len(fp.getbuffer())
+    else:
+        size = os.fstat(fp.fileno()).st_size
+    if size > max_file_bytes:
+        raise _fail(name, f"file too large: {size} bytes exceeds the limit of {max_file_bytes} "
+                          f"(max_file_bytes; refused before reading)")
+
+
+def _check_jpeg_metadata(fp: IO[bytes], name: str) -> None:
+    """Walk a JPEG's segment headers up to the image data (seeking over their contents) and
+    refuse one whose metadata exceeds MAX_JPEG_METADATA_BYTES or MAX_JPEG_EXIF_BYTES. Files that
+    are not JPEG, or whose structure breaks off, are left to the decoder to judge."""
+    totals = {"metadata": 0, "EXIF": 0}
+    limits = {"metadata": MAX_JPEG_METADATA_BYTES, "EXIF": MAX_JPEG_EXIF_BYTES}
+    segments = {"metadata": 0, "EXIF": 0}
+    try:
+        if fp.read(2) != b"\xff\xd8":
+            return
+        for _ in range(_MAX_JPEG_SEGMENTS):
+            header = fp.read(4)
+            if len(header) < 4 or header[0] != 0xFF:
+                return
+            marker, length = header[1], int.from_bytes(header[2:4], "big")
+            if marker in (0xD9, 0xDA) or length < 2:  # end of image, start of scan: done
+                return
+            skip = length - 2
+            if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+                kinds = ["metadata"]
+                if marker == 0xE1 and skip >= 6:
+                    skip -= 6
+                    if fp.read(6) == b"Exif\0\0":
+                        kinds.append("EXIF")
+                for kind in kinds:
+                    totals[kind] += length
+                    segments[kind] += 1
+                    if totals[kind] > limits[kind]:
+                        raise _fail(name, f"too much JPEG {kind}: over {limits[kind]} bytes "
+                                          f"in its first {segments[kind]} segments; refused "
+                                          f"before decoding")
+            fp.seek(skip, os.SEEK_CUR)
+        raise _fail(name, f"more than {_MAX_JPEG_SEGMENTS} JPEG segments before the image "
+                          f"data (a real photo has a few dozen); refused before decoding")
+    except OSError:
+        return
+    finally:
+        fp.seek(0)
 
 
 def _fit_longer_side(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -422,6 +542,23 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, recipe: dict[str, 
             These are caller bugs and are raised before anything touches the disk.
     """
     name = _display(path)
+    encode = _png_encoder(image, recipe)
+    try:
+        atomic_write(path, encode)
+    except OSError as exc:
+        raise _fail(name, f"cannot write PNG ({_one_line(exc.strerror or exc)})") from exc
+
+
+def png_bytes(image: np.ndarray, recipe: dict[str, Any]) -> bytes:
+    """The bytes :func:`save_png` would write: for a store written in whole objects."""
+    buffer = io.BytesIO()
+    _png_encoder(image, recipe)(buffer)
+    return buffer.getvalue()
+
+
+def _png_encoder(image: np.ndarray, recipe: dict[str, Any]) -> Callable[[IO[bytes]], None]:
+    """Checks ``image`` and ``recipe`` (caller bugs raise before anything is written) and
+    returns what writes the PNG to a binary file."""
     if not isinstance(image, np.ndarray):
         raise TypeError(f"save_png expects a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
@@ -432,12 +569,8 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray, recipe: dict[str, 
     info = PngInfo()
     info.add_text(RECIPE_KEY, text)  # ASCII JSON, so Pillow writes a plain tEXt chunk
     pil = Image.fromarray(np.ascontiguousarray(image))
-
-    try:
-        atomic_write(path, lambda out: pil.save(out, format="PNG", pnginfo=info,
-                                                compress_level=6, optimize=False))
-    except OSError as exc:
-        raise _fail(name, f"cannot write PNG ({_one_line(exc.strerror or exc)})") from exc
+    return lambda out: pil.save(out, format="PNG", pnginfo=info, compress_level=6,
+                                optimize=False)
 
 
 

@@ -1,16 +1,22 @@
-"""Input entries to image paths: files, folders, globs and ``.txt`` lists, as a config's
-``inputs`` or the INPUTs of ``jaxdream dream`` name them. Nothing is opened or decoded here."""
+"""Input entries to image paths and URLs: files, folders, globs, ``.txt``/``.csv`` lists, and
+object-store prefixes, globs and objects (``s3://``, ``gs://``, ``http(s)://``, see
+:mod:`jaxdream.storage`), as a config's ``inputs`` or the INPUTs of ``jaxdream dream`` name
+them. Nothing is decoded here; remote entries are listed, never read."""
 
 from __future__ import annotations
 
 import glob
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxdream.errors import ConfigError
 from jaxdream.files import display
+from jaxdream.shards import expand_braces, is_shard, shard_members
+from jaxdream.tables import is_table, table_inputs
+from jaxdream.storage import LIST_SUFFIXES, expand_url, is_url, read_list
 
 #: Extensions picked up by folders and globs (files named or listed explicitly are all kept).
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm".split())
@@ -22,33 +28,63 @@ def image_files(folder: str) -> list[str]:
             if child.suffix.lower() in IMAGE_EXTENSIONS and child.is_file()]
 
 
-def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
+def _what_it_is(entry: str) -> str:
+    """Why an entry that is neither a folder, a file nor a glob cannot be used."""
+    try:
+        mode = os.stat(entry).st_mode
+    except OSError:
+        return "no such file or folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not an image or a list"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device, not an image or a list"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not an image or a list"
+    return "not a regular file, an image or a list"
+
+
+def _without_outputs(found: list[str], outdir: Path | None) -> list[str]:
+    if outdir is None:
+        return found
+    from jaxdream.outdir import leave_out_outputs
+
+    return leave_out_outputs(found, outdir)
+
+
+def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None) -> list[str]:
     if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ConfigError(f"{where}: expected a path, got {entry!r:.60}")
     # Strict (a config file): the key path and the entry; lenient (an INPUT): the entry alone.
     name = display(entry) if lenient else f"{where}: {entry!r}"
+    if "{" in entry and not os.path.lexists(entry):
+        names = expand_braces(entry)  # shards/train-{000000..000999}.tar
+        if len(names) > 1:
+            return [path for one in names for path in _expand_entry(one, where, lenient)]
+    if is_shard(entry) and (is_url(entry) or os.path.isfile(entry)):
+        return shard_members(entry, name, IMAGE_EXTENSIONS)
+    if is_table(entry) and (is_url(entry) or os.path.isfile(entry)):
+        return table_inputs(entry, name)  # image rows, or a list of paths and URLs
+    if is_url(entry):
+        return expand_url(entry, name, IMAGE_EXTENSIONS)
     path = Path(entry)
     try:
         if path.is_dir():
-            found = image_files(entry)
+            found = _without_outputs(image_files(entry), outdir)
             empty = "holds no image file"
-        elif path.is_file() and path.suffix.lower() == ".txt":
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            found = [os.path.join(os.path.dirname(entry), line) for line in lines
-                     if line and not line.startswith("#")]
-            if any("\0" in listed for listed in found):
-                raise ConfigError(f"{name}: the list holds a NUL character")
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            found = read_list(entry, name)  # paths or URLs, relative ones from the list's folder
             empty = "lists no file"
         elif path.is_file():
             return [entry]
         elif any(char in entry for char in "*?[") and not os.path.lexists(entry):
-            found = [p for p in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(p)
-                     and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
+            found = _without_outputs(
+                [p for p in sorted(glob.glob(entry, recursive=True)) if os.path.isfile(p)
+                 and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS], outdir)
             empty = "matches no image file"
         elif lenient:
             return [entry]  # missing, a pipe, a dangling link: the renderer says which
         else:
-            raise ConfigError(f"{name}: no such file or folder")
+            raise ConfigError(f"{name}: {_what_it_is(entry)}")
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or "not UTF-8 text"
         raise ConfigError(f"{name}: cannot read: {reason}") from None
@@ -58,27 +94,34 @@ def _expand_entry(entry: Any, where: str, lenient: bool) -> list[str]:
 
 
 def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
-                  failures: list[tuple[str, str]] | None = None) -> list[str]:
+                  failures: list[tuple[str, str]] | None = None,
+                  outdir: Path | None = None) -> list[str]:
     """The image paths that config input entries name, deduplicated in first-seen order.
 
     An entry is a file; a folder (its image files by extension, sorted, not recursive); a glob
-    (``photos/**/*.jpg``: the image files it matches, sorted); or a ``.txt`` list of paths, one
-    per line (blank lines and ``#`` comments skipped, relative paths from the list's folder).
+    (``photos/**/*.jpg``: the image files it matches, sorted); a ``.txt`` list of paths or
+    URLs, one per line (blank lines and ``#`` comments skipped, relative paths from the list's
+    folder) or a ``.csv`` one (the column headed path/url/image/file, else the first); or any
+    of these in an object store (``s3://bucket/photos/``, ``gs://b/**/*.jpg``) or on the web.
     An entry that matches nothing is a ConfigError naming ``source[index]``; pass
     ``source=f"{config.source}: inputs"``. With a ``failures`` list (inputs named on the
     command line) such an entry is appended to it as (entry, reason) instead, and any other
     path is kept as given. Images are not opened, and the lines of a list are not checked: the
-    renderer reports a missing or bad image on its own, as it goes.
+    renderer reports a missing or bad image on its own, as it goes. With ``outdir``, folders
+    and globs leave out that job's own outputs (see :func:`jaxdream.outdir.leave_out_outputs`),
+    so a job whose input folder is its output folder never dreams its earlier dreams; a file
+    named on its own is always kept.
     """
     found: dict[str, str] = {}  # normalised path -> first spelling seen (dicts keep order)
     for index, entry in enumerate(entries):
         try:
-            paths = _expand_entry(entry, f"{source}[{index}]", lenient=failures is not None)
+            paths = _expand_entry(entry, f"{source}[{index}]", lenient=failures is not None,
+                                  outdir=outdir)
         except ConfigError as error:
             if failures is None:
                 raise
             failures.append((entry, str(error)))
             continue
         for path in paths:
-            found.setdefault(os.path.normpath(path), path)
+            found.setdefault(path if is_url(path) else os.path.normpath(path), path)
     return list(found.values())

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdream.errors import ConfigError
+from jaxdream.errors import ConfigError, first_few
 from jaxdream.recipe import OBJECTIVES
 
 
@@ -124,8 +124,9 @@ def term_params(term: Term, channels: int, guide_features: np.ndarray | None = N
     if term.kind in ("channel", "neuron"):
         bad = [c for c in term.channels if c >= channels]
         if bad:
-            raise ConfigError(f"channels: {bad} out of range for layer {term.layer}, which has "
-                              f"{channels} channels (0..{channels - 1})")
+            raise ConfigError(f"channels: {len(bad)} out of range for layer {term.layer}, "
+                              f"which has {channels} channels (0..{channels - 1}): "
+                              f"{first_few(list(bad))}")
         mask = np.zeros((channels,), np.float32)
         mask[list(term.channels)] = 1.0
     features = np.zeros((0, 0), np.float32)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxdream import __version__
-from jaxdream.errors import ConfigError
+from jaxdream.errors import ConfigError, brief, first_few
 
 MAX_SEED = 2**32 - 1
 
@@ -56,19 +56,21 @@ def parse_layers(text: str, known: Sequence[str] | None = None) -> dict[str, flo
     for item in text.split(","):
         match = _LAYER_ITEM.match(item)
         if not match:
-            raise ConfigError(f"layers: cannot parse {item.strip()!r}; expected NAME or "
+            raise ConfigError(f"layers: cannot parse {brief(item.strip())}; expected NAME or "
                               f"NAME:WEIGHT, e.g. 'block8:1,block10:2'")
         name, weight_text = match.group(1), match.group(2)
         try:
             weight = float(weight_text) if weight_text is not None else 1.0
         except ValueError:
-            raise ConfigError(f"layers: weight {weight_text!r} of {name} is not a number") from None
+            raise ConfigError(f"layers: weight {brief(weight_text)} of {brief(name)} is not a "
+                              f"number") from None
         if not math.isfinite(weight):
-            raise ConfigError(f"layers: weight of {name} must be finite, got {weight_text}")
+            raise ConfigError(f"layers: weight of {brief(name)} must be finite, got "
+                              f"{brief(weight_text)}")
         if name in layers:
-            raise ConfigError(f"layers: {name} is listed twice")
+            raise ConfigError(f"layers: {brief(name)} is listed twice")
         if known is not None and name not in known:
-            raise ConfigError(f"layers: unknown endpoint {name!r}; this model has: "
+            raise ConfigError(f"layers: unknown endpoint {brief(name)}; this model has: "
                               f"{', '.join(known)}")
         layers[name] = weight
     if all(w == 0 for w in layers.values()):
@@ -141,7 +143,7 @@ class Recipe:
         ]
         for key, value, kind in checks:
             if isinstance(value, bool) or not isinstance(value, kind):
-                raise bad(key, f"expected a number, got {value!r}")
+                raise bad(key, f"expected a number, got {brief(value)}")
         if self.octaves < 1 or self.octaves > 12:
             raise bad("octaves", f"must be between 1 and 12, got {self.octaves}")
         if not (math.isfinite(self.octave_scale) and 1.0 < self.octave_scale <= 4.0):
@@ -158,18 +160,30 @@ class Recipe:
                                           or not isinstance(self.max_side, int)
                                           or self.max_side < 16):
             raise bad("max_side", f"must be an integer of at least 16 (or 0 for the "
-                                  f"input's own size), got {self.max_side!r}")
+                                  f"input's own size), got {brief(self.max_side)}")
         if self.layers is not None and not self.layers:
             raise bad("layers", "is empty")
+        for name, weight in self.layers or ():
+            if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(
+                    weight, (int, float)):
+                raise bad("layers", f"expected endpoint -> weight, got {brief(name)}: "
+                                    f"{brief(weight)}")
+            if not math.isfinite(weight):
+                raise bad("layers", f"the weight of {brief(name)} must be a finite number, "
+                                    f"got {weight} (too large, or not a number)")
         for key, value, choices in (("objective", self.objective, OBJECTIVES),
                                     ("normaliser", self.normaliser, NORMALISERS),
                                     ("update", self.update, UPDATES)):
             if value not in choices:
-                raise bad(key, f"unknown value {value!r}; choose one of {', '.join(choices)}")
-        if not isinstance(self.channels, tuple) or not all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in self.channels):
+                raise bad(key, f"unknown value {brief(value)}; choose one of {', '.join(choices)}")
+        if not isinstance(self.channels, tuple):
             raise bad("channels", f"expected a list of channel indices (integers >= 0), got "
-                                  f"{self.channels!r}")
+                                  f"{brief(self.channels)}")
+        wrong = [c for c in self.channels
+                 if not isinstance(c, int) or isinstance(c, bool) or c < 0]
+        if wrong:
+            raise bad("channels", f"expected channel indices (integers >= 0); {len(wrong)} of "
+                                  f"{len(self.channels)} are not: {first_few(wrong)}")
         if self.objective in ("channel", "neuron") and not self.channels:
             raise bad("channels", f"objective {self.objective!r} needs at least one channel")
         if self.objective not in ("channel", "neuron") and self.channels:
@@ -181,17 +195,19 @@ class Recipe:
             raise bad("guide", "a guide image is only used by objective 'guide'")
         for key, value in (("tile_size", self.tile_size), ("tile_above", self.tile_above)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(key, f"expected an integer >= 0, got {value!r}")
+                raise bad(key, f"expected an integer >= 0, got {brief(value)}")
         if self.tile_above and self.tile_size < 64:
             raise bad("tile_size", f"must be at least 64 pixels when tiling, got "
                                    f"{self.tile_size}")
         return self
 
-    def with_layers(self, text: str, known: list[str]) -> Recipe:
+    def with_layers(self, text: str, known: list[str], source: str | None = None) -> Recipe:
+        """The recipe with ``text`` parsed as its layers; errors name ``source`` if given."""
         try:
             layers = parse_layers(text, known)
         except ConfigError as error:
-            raise ConfigError(f"{error} (model {self.model})") from None
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}{error} (model {self.model})") from None
         return dataclasses.replace(self, layers=tuple(layers.items()))
 
     def to_json(self, *, weights_sha256: str, extra: Mapping[str, Any] | None = None

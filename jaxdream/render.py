@@ -11,6 +11,7 @@ atomically as a PNG that carries its recipe.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -24,13 +25,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from jaxdream import __version__
+from jaxdream import __version__, storage
 from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_params,
                              static_settings)
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import output_folder
-from jaxdream.images import DEFAULT_MAX_PIXELS, load_rgb, save_png, to_uint8
+from jaxdream.images import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes,
+                             png_bytes, save_png, to_uint8)
 from jaxdream.models import load_model, weights_sha256
+from jaxdream.shards import MEMBER, read_member
+from jaxdream.storage import is_url
+from jaxdream.tables import read_row
 from jaxdream.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -57,6 +62,13 @@ class WorkItem:
     input_sha256: str = ""
     #: Images declaring more pixels than this are refused before decoding (bombs).
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Input files larger than this many bytes are refused before they are read.
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    #: For an input in an object store or on the web: what identified it when planned (URL,
+    #: ETag, size; see :func:`jaxdream.storage.identity`); its bytes are hashed when read.
+    input_identity: str = ""
+    #: The object the output is uploaded to when the output is an object-store prefix.
+    dest: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +79,8 @@ class Outcome:
     reason: str = ""
     id: str = ""
     seconds: float = 0.0
+    #: SHA-256 of the input's bytes as the worker read them ("" when it read none).
+    input_sha256: str = ""
 
 
 @dataclasses.dataclass
@@ -74,30 +88,43 @@ class Report:
     outcomes: list[Outcome]
     compile_stats: CompileStats
     render_seconds: float
+    #: ``error:`` lines not tied to one input (a contact sheet or the gallery not written)
+    problems: int = 0
 
 
 def _safe_stem(path: str) -> str:
-    """A file-name stem that cannot escape a folder, hide, or pass for an option."""
-    stem = _UNSAFE.sub("_", Path(path).stem).strip("._-")
+    """A file-name stem that cannot escape a folder, hide, or pass for an option (of a URL:
+    of its path, so that a presigned URL's signature never becomes a file name)."""
+    stem = _UNSAFE.sub("_", Path(storage.redact(path) if is_url(path) else path).stem
+                       ).strip("._-")
     return stem[:100] or "image"
 
 
-def output_stems(inputs: Sequence[str], outdir: Path) -> list[str]:
+def output_stems(inputs: Sequence[str], outdir: Path, output_url: str = "") -> list[str]:
     """Deterministic, unique output stems, one per input, safe as file names.
 
     Inputs whose names would collide (``a/cat.jpg`` and ``b/cat.png``) get a short hash of the
     path as given, so the same command always writes the same names; so does a name whose
-    output would land on an input.
+    output would land on an input (a file, or an object when the output is ``output_url``).
     """
     stems = [_safe_stem(path) for path in inputs]
-    resolved_inputs = {os.path.realpath(path) for path in inputs}
+    # Only what can be overwritten is compared: files with files, objects with objects (a
+    # million realpath calls on URLs would cost minutes and find nothing).
+    local_inputs = {os.path.realpath(path) for path in inputs
+                    if not output_url and not is_url(path)}
+    remote_inputs = {path for path in inputs if output_url and is_url(path)}
+
+    def lands_on_input(name: str) -> bool:
+        if output_url:
+            return storage.join(output_url, name) in remote_inputs
+        return bool(local_inputs) and os.path.realpath(outdir / name) in local_inputs
+
     counts: dict[str, int] = {}
     for stem in stems:
         counts[stem] = counts.get(stem, 0) + 1
     unique: list[str] = []
     for path, stem in zip(inputs, stems, strict=True):
-        clash = any(os.path.realpath(outdir / f"{stem}{suffix}") in resolved_inputs
-                    for suffix in ("_dream.png", "_grid.png"))
+        clash = any(lands_on_input(f"{stem}{suffix}") for suffix in ("_dream.png", "_grid.png"))
         if counts[stem] > 1 or clash:
             digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
             stem = f"{stem}_{digest}"
@@ -120,18 +147,30 @@ def variant_path(outdir: Path, stem: str, variant: int, variants: int) -> Path:
 def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
             guide_sha256: str | None = None) -> str:
     """A stable id: the same photo, parameters, weights and jaxdream version give the same id."""
-    identity = {"input": input_sha256, "guide": guide_sha256, "jaxdream": __version__,
-                "recipe": recipe.to_json(weights_sha256=model_weights_sha256)}
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    # The text json.dumps(identity, sort_keys=True, separators=(",", ":")) gives for
+    # {"input", "guide", "jaxdream", "recipe"}, with the recipe's part made once per recipe:
+    # a plan of a million items would otherwise serialise the same recipe a million times.
+    dump = functools.partial(json.dumps, separators=(",", ":"))
+    text = (f'{{"guide":{dump(guide_sha256)},"input":{dump(input_sha256)},'
+            f'"jaxdream":{dump(__version__)},'
+            f'"recipe":{_recipe_text(recipe, model_weights_sha256)}}}')
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: str) -> str:
-    """SHA-256 of a regular file; a pipe, device, folder or empty file is an ImageError (a
-    named pipe called photo.jpg must not hang the job)."""
-    from jaxdream.images import _open_regular_file
+@functools.lru_cache(maxsize=256)
+def _recipe_text(recipe: Recipe, model_weights_sha256: str) -> str:
+    return json.dumps(recipe.to_json(weights_sha256=model_weights_sha256), sort_keys=True,
+                      separators=(",", ":"))
+
+
+def _file_sha256(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
+    """SHA-256 of a regular file; a pipe, device, folder, empty file or one larger than
+    ``max_file_bytes`` is an ImageError (a named pipe called photo.jpg must not hang the job,
+    a 50 GB file must not be read to be refused)."""
+    from jaxdream.images import _check_file_size, _open_regular_file
 
     with _open_regular_file(path, path) as handle:
+        _check_file_size(handle, path, max_file_bytes)
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
@@ -141,16 +180,19 @@ def _read_failure(path: str, error: OSError) -> str:
 
 def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
          variants: Sequence[tuple[Recipe, Mapping[str, Any]]], *,
-         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, output_url: str = ""
          ) -> tuple[list[WorkItem], list[Outcome]]:
     """Work items for every input under every recipe, and failures for unreadable inputs.
 
-    Each input is hashed here (its content is part of every item's id); an input that cannot
-    be read becomes one failed outcome instead of items. Images are not decoded: a file that
-    is not an image is reported when a worker loads it.
+    Each local input is hashed here (its content is part of every item's id); an object or
+    URL is identified by its listing instead (ETag, size), never read here. An input that
+    cannot be read becomes one failed outcome instead of items. Images are not decoded: a
+    file that is not an image is reported when a worker loads it. With ``output_url`` (an
+    object-store prefix) each item's output is uploaded there under its output's name.
     """
     out = Path(outdir)
-    stems = output_stems(inputs, out)
+    stems = output_stems(inputs, out, output_url)
     identities = {recipe.model: weights_sha256(recipe.model, weights) for recipe, _ in variants}
     # A guide image is part of every item's identity; one that cannot be read stops the job
     # before it starts (it is a setting, not one bad input among many).
@@ -159,8 +201,14 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
     items: list[WorkItem] = []
     failures: list[Outcome] = []
     for path, stem in zip(inputs, stems, strict=True):
+        identity = storage.known_identity(path) or ""  # listed objects, shard members
         try:
-            digest = _file_sha256(path)
+            if not identity and is_url(path):
+                identity = storage.identity(path)
+            if identity:
+                digest = hashlib.sha256(identity.encode()).hexdigest()
+            else:
+                digest = _file_sha256(path, max_file_bytes)
         except JaxdreamError as error:
             failures.append(Outcome(path, None, "failed", str(error)))
             continue
@@ -169,10 +217,13 @@ def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
             continue
         for index, (recipe, point) in enumerate(variants):
             guide = guides[recipe.guide] if recipe.guide else None
+            output = variant_path(out, stem, index, len(variants))
             items.append(WorkItem(
                 id=item_id(digest, recipe, identities[recipe.model], guide), input=path,
-                output=variant_path(out, stem, index, len(variants)), recipe=recipe,
-                point=dict(point), input_sha256=digest, max_pixels=max_pixels))
+                output=output, recipe=recipe, point=dict(point),
+                input_sha256="" if identity else digest, max_pixels=max_pixels,
+                max_file_bytes=max_file_bytes, input_identity=identity,
+                dest=storage.join(output_url, output.name) if output_url else ""))
     return items, failures
 
 
@@ -182,7 +233,8 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
     from jaxdream.inputs import expand_inputs
 
     unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
-    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched)
+    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched,
+                           outdir=config.output)
     if config.recipe_weights_sha256 is not None:
         actual = weights_sha256(config.model, config.weights)
         if actual != config.recipe_weights_sha256:
@@ -192,16 +244,37 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
                 f"{actual[:16]}...; pass --weights with the matching file")
     items, failures = plan(inputs, config.output,
                            [(v.recipe, v.point) for v in config.variants],
-                           weights=config.weights, max_pixels=config.max_pixels)
+                           weights=config.weights, max_pixels=config.max_pixels,
+                           max_file_bytes=config.max_file_bytes,
+                           output_url=config.output_url)
     return items, [Outcome(entry, None, "failed", reason)
                    for entry, reason in unmatched or ()] + failures
 
 
-def _load(item: WorkItem) -> np.ndarray:
-    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels)
-    if item.input_sha256 and _file_sha256(item.input) != item.input_sha256:
+def _load(item: WorkItem) -> tuple[np.ndarray, str]:
+    """The item's image and the SHA-256 of the bytes it came from."""
+    if item.input_identity:
+        # One read of the object: the same checks as a local file, on the bytes in memory.
+        planned_as = json.loads(item.input_identity)
+        if planned_as.get("shard") or planned_as.get("table"):  # a member or a row: checked
+            data = (read_member if planned_as.get("shard") else read_row)(item.input, planned_as)
+            where, part = item.input.rsplit(MEMBER, 1)
+            name = storage.redact(where) + MEMBER + part
+        else:
+            data = storage.read_object(item.input)
+            name = storage.redact(item.input)
+            planned = planned_as.get("size")
+            if isinstance(planned, int) and len(data) != planned:
+                raise JaxdreamError(f"{name}: the object changed since the job was planned")
+        image = load_rgb_bytes(data, name, max_side=item.recipe.max_side,
+                               max_pixels=item.max_pixels, max_file_bytes=item.max_file_bytes)
+        return image, hashlib.sha256(data).hexdigest()
+    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels,
+                     max_file_bytes=item.max_file_bytes)
+    if (item.input_sha256
+            and _file_sha256(item.input, item.max_file_bytes) != item.input_sha256):
         raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
-    return image
+    return image, item.input_sha256
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
@@ -210,14 +283,15 @@ def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
 
 
 def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
-                ) -> list[tuple[int, np.ndarray | str]]:
+                ) -> list[tuple[int, tuple[np.ndarray, str] | str]]:
     """Each item's image, or the one-line reason it cannot be read. The variants of a grid
     share their photo: it is read and checked once per chunk."""
-    decoded: dict[tuple[Any, ...], np.ndarray | str] = {}
-    loaded: list[tuple[int, np.ndarray | str]] = []
+    decoded: dict[tuple[Any, ...], tuple[np.ndarray, str] | str] = {}
+    loaded: list[tuple[int, tuple[np.ndarray, str] | str]] = []
     for index in chunk:
         item = items[index]
-        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels)
+        key = (item.input, item.input_sha256, item.recipe.max_side, item.max_pixels,
+               item.max_file_bytes)
         if key not in decoded:
             try:
                 decoded[key] = _load(item)
@@ -265,7 +339,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             todo: list[int] = []
             for index in members:
                 item = items[index]
-                if item.output.exists() and not overwrite:
+                if not overwrite and not item.dest and item.output.exists():
                     finish(index, Outcome(item.input, item.output, "skipped",
                                           "output exists (pass --overwrite to replace it)",
                                           item.id))
@@ -279,13 +353,15 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             for chunk in _chunks(todo, CHUNK):
                 images: list[np.ndarray] = []
                 loaded: list[int] = []
+                digests: list[str] = []
                 for index, image in _load_chunk(items, chunk):
                     if isinstance(image, str):
                         item = items[index]
                         finish(index, Outcome(item.input, None, "failed", image, item.id))
                         bar.update(1)
                     else:
-                        images.append(image)
+                        images.append(image[0])
+                        digests.append(image[1])
                         loaded.append(index)
                 params = [item_params(items[index].recipe) for index in loaded]
                 batch_start = time.perf_counter()
@@ -293,7 +369,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                     index = loaded[slot]
                     item = items[index]
                     seconds = time.perf_counter() - batch_start
-                    finish(index, _write(item, result, model, seconds))
+                    finish(index, _write(item, result, model, seconds, digests[slot]))
                     batch_start = time.perf_counter()
                     bar.update(1)
             stats.add(engine.stats)
@@ -303,22 +379,30 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                   time.perf_counter() - start)
 
 
-def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float) -> Outcome:
+def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float,
+           digest: str = "") -> Outcome:
+    digest = digest or item.input_sha256
     extra: dict[str, Any] = {
-        "input": {"name": Path(item.input).name, "sha256": item.input_sha256,
+        "input": {"name": Path(storage.redact(item.input) if item.input_identity
+                               else item.input).name, "sha256": digest,
                   "width": int(result.shape[1]), "height": int(result.shape[0])},
         "weights": model.weights_path.name, "id": item.id}
     if item.point:
         extra["grid"] = dict(item.point)
+    recipe = item.recipe.to_json(weights_sha256=model.weights_sha256, extra=extra)
     try:
-        item.output.parent.mkdir(parents=True, exist_ok=True)
-        save_png(item.output, to_uint8(result),
-                 item.recipe.to_json(weights_sha256=model.weights_sha256, extra=extra))
+        if item.dest:  # one whole-object PUT: the object exists complete, or not at all
+            storage.put_object(item.dest, png_bytes(to_uint8(result), recipe))
+        else:
+            item.output.parent.mkdir(parents=True, exist_ok=True)
+            save_png(item.output, to_uint8(result), recipe)
+    except storage.StorageError as error:
+        return Outcome(item.input, None, "failed", str(error), item.id, seconds, digest)
     except (JaxdreamError, OSError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         return Outcome(item.input, None, "failed", f"{item.output}: cannot write: {reason}",
-                       item.id, seconds)
-    return Outcome(item.input, item.output, "done", "", item.id, seconds)
+                       item.id, seconds, digest)
+    return Outcome(item.input, item.output, "done", "", item.id, seconds, digest)
 
 
 def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite: bool = False,
@@ -327,6 +411,11 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
     """Runs a job config in this process (no Ray): every input under every grid variant,
     then (with ``gallery``) contact sheets and the gallery. Returns the report and the
     gallery's path. ``jaxdream dream`` runs this, from a config file or from its options."""
+    if config.output_url:
+        from jaxdream.errors import ConfigError
+
+        raise ConfigError(f"{config.source}: output {storage.redact(config.output_url)} is an "
+                          f"object-store prefix; write there with `jaxdream run`")
     output_folder(config.output)
     items, failures = plan_items(config)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
@@ -340,4 +429,19 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
         return result, None
     from jaxdream.gallery import sheets_and_gallery
 
-    return result, sheets_and_gallery(config, items, result.outcomes, report=report)
+    counted = _ErrorCounter(report or (lambda line: tqdm.write(line, file=sys.stderr)))
+    path = sheets_and_gallery(config, items, result.outcomes, report=counted)
+    result.problems += counted.errors
+    return result, path
+
+
+class _ErrorCounter:
+    """Passes report lines on, counting the ``error:`` ones (each must fail the exit status)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.errors = 0
+
+    def __call__(self, line: str) -> None:
+        self.errors += line.startswith("error:")
+        self.say(line)

@@ -3,6 +3,7 @@ ConfigError ever escapes. Fast: no weights are loaded and nothing is compiled.""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -394,3 +395,40 @@ def test_fuzz_one_bad_value_in_a_valid_config(fuzz_file: Path, section: str, key
     target = data[section] if section else data
     target[key] = value
     check_only_config_errors(fuzz_file, yaml.safe_dump(data, allow_unicode=True))
+
+
+# --- issue 17: duplicate keys, and what a special file in inputs is --------------------------
+
+@pytest.mark.parametrize("text, path, lines", [
+    (BASE + "output: elsewhere\n", "output", "lines 2 and 3"),
+    (BASE + "dream:\n  steps: 3\n  seed: 1\n  steps: 4\n", "dream.steps", "lines 4 and 6"),
+    (BASE + "grid:\n  seed: [1, 2]\n  seed: [3]\n", "grid.seed", "lines 4 and 5"),
+    (BASE + "grid:\n  layers:\n    - {block8: 1, block8: 2}\n", "grid.layers[0].block8",
+     "lines 5 and 5"),
+])
+def test_duplicate_keys_are_refused_with_their_path(tmp_path: Path, text: str, path: str,
+                                                    lines: str) -> None:
+    message = error_of(tmp_path, text)
+    assert f"job.yaml: {path}: duplicate key ({lines})" in message, message
+
+
+def test_merge_keys_and_aliases_are_not_duplicates(tmp_path: Path) -> None:
+    # An explicit key beside a merge (<<) overrides it, as YAML intends: not a duplicate.
+    merged = load(tmp_path, BASE + "dream: {<<: {steps: 3, seed: 1}, steps: 4}\n")
+    same = load(tmp_path, BASE + "dream: {seed: 1, steps: 4}\n")
+    assert merged.variants == same.variants
+    shared = load(tmp_path, "inputs: &x in.jpg\noutput: out\ngrid: {seed: &s [1, 2]}\n")
+    assert shared.inputs == ("in.jpg",)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_special_files_in_inputs_say_what_they_are(photos: Path) -> None:
+    os.mkfifo(photos / "list.txt")
+    os.mkfifo(photos / "pipe.jpg")
+    for entry, reason in [("list.txt", "a named pipe (FIFO), not an image or a list"),
+                          ("pipe.jpg", "a named pipe (FIFO), not an image or a list"),
+                          (os.devnull, "a device, not an image or a list"),
+                          ("/dev/zero", "a device, not an image or a list")]:
+        with pytest.raises(ConfigError) as caught:
+            expand_inputs(["a.jpg", entry], source="job.yaml: inputs")
+        assert str(caught.value) == f"job.yaml: inputs[1]: {entry!r}: {reason}"

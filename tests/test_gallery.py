@@ -159,3 +159,40 @@ def test_gallery_links_escaping_and_failures(tmp_path: Path) -> None:
     assert not list(out.glob(".*.tmp")) and not list((out / "thumbs").glob(".*.tmp"))
     # a second run reuses the thumbnails and writes the same page
     assert write_gallery(out, entries, title="<title>").read_text(encoding="utf-8") == page
+
+
+def test_a_big_job_gets_a_summary_page_not_a_page_of_every_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above GALLERY_LIMIT outputs the page shows the first outputs and failures, the counts
+    of all, and links the manifest; the thumbnails of the others are never made."""
+    from PIL import Image as PILImage
+
+    from jaxdream import gallery
+    from jaxdream.config import load_config
+    from jaxdream.recipe import Recipe
+    from jaxdream.render import Outcome, WorkItem
+
+    monkeypatch.setattr(gallery, "GALLERY_LIMIT", 10)
+    monkeypatch.setattr(gallery, "SUMMARY_OUTPUTS", 3)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(f"inputs: {tmp_path}\noutput: {outdir}\n", encoding="utf-8")
+    config = load_config(config_path)
+    recipe = Recipe(layers=(("block0", 1.0),), steps=1, octaves=1)
+    items, outcomes = [], []
+    for index in range(30):
+        output = outdir / f"p{index:02d}_dream.png"
+        items.append(WorkItem(id=f"id{index}", input=f"in/p{index:02d}.png", output=output,
+                              recipe=recipe))
+        if index % 10 == 9:
+            outcomes.append(Outcome(f"in/p{index:02d}.png", None, "failed", "bad", f"id{index}"))
+        else:
+            PILImage.new("RGB", (64, 48)).save(output)
+            outcomes.append(Outcome(f"in/p{index:02d}.png", output, "done", "", f"id{index}"))
+    page_path = gallery.sheets_and_gallery(config, items, outcomes, report=lambda line: None)
+    assert page_path == outdir / "index.html"
+    page = page_path.read_text(encoding="utf-8")
+    assert "30 outputs: 27 done, 3 failed" in page and 'href="manifest.jsonl"' in page
+    assert page.count("<figure") == 3 and page.count('class="reason"') == 3
+    assert len(list((outdir / "thumbs").iterdir())) == 3

@@ -9,6 +9,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 import warnings
 import zlib
 from datetime import timedelta
@@ -609,3 +610,79 @@ def test_fuzz_read_recipe(fuzz_file: Path, edits: list[tuple[float, int]], cut: 
         pass
     else:
         assert isinstance(recipe, dict)
+
+
+# --- issue 17: bounded reads before decoding, and jaxdream's own pixel limit -----------------
+
+
+def _jpeg_with_segments(segments: list[bytes]) -> bytes:
+    """A valid 64x64 JPEG with ``segments`` (whole marker segments) inserted after SOI."""
+    plain = encode(Image.new("RGB", (64, 64), (200, 30, 30)), "JPEG")
+    return plain[:2] + b"".join(segments) + plain[2:]
+
+
+def _app1(payload: bytes) -> bytes:
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+@pytest.mark.timeout(60)
+def test_jpeg_with_60_mb_of_exif_is_refused_quickly(tmp_path: Path) -> None:
+    """920 APP1 EXIF segments of 64 KB (60 MB): Pillow alone joins them quadratically (17 s)."""
+    segment = _app1(b"Exif\0\0" + b"\0" * (65533 - 6))
+    path = write(tmp_path / "exif.jpg", _jpeg_with_segments([segment] * 920))
+    assert path.stat().st_size > 60_000_000
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match=r"exif\.jpg: too much JPEG EXIF: over 1048576 bytes"):
+        load_rgb(path)
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.timeout(60)
+def test_jpeg_with_too_many_segments_or_too_much_metadata_is_refused(tmp_path: Path) -> None:
+    comments = write(tmp_path / "com.jpg", _jpeg_with_segments([b"\xff\xfe\x00\x02"] * 5000))
+    with pytest.raises(ImageError, match=r"com\.jpg: more than 4096 JPEG segments"):
+        load_rgb(comments)
+    xmp = _app1(b"http://ns.adobe.com/xap/1.0/\0" + b" " * 65000)
+    heavy = write(tmp_path / "xmp.jpg", _jpeg_with_segments([xmp] * 300))
+    with pytest.raises(ImageError, match=r"xmp\.jpg: too much JPEG metadata: over 16777216"):
+        load_rgb(heavy)
+
+
+def test_jpeg_with_ordinary_metadata_still_loads(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    plain = encode(Image.new("RGB", (64, 32), (10, 200, 10)), "JPEG", exif=exif.tobytes())
+    extra = [_app1(b"http://ns.adobe.com/xap/1.0/\0" + b" " * 60000), b"\xff\xfe\x00\x07hello"]
+    path = write(tmp_path / "ok.jpg", plain[:2] + b"".join(extra) + plain[2:])
+    assert load_rgb(path).shape == (64, 32, 3)  # rotated: the EXIF was still read
+
+
+def test_file_size_limit_is_checked_before_reading(tmp_path: Path) -> None:
+    path = write(tmp_path / "small.png", encode(Image.new("RGB", (32, 32)), "PNG"))
+    size = path.stat().st_size
+    assert load_rgb(path, max_file_bytes=size).shape == (32, 32, 3)
+    with pytest.raises(ImageError, match=rf"small\.png: file too large: {size} bytes exceeds "
+                                         rf"the limit of {size - 1}"):
+        load_rgb(path, max_file_bytes=size - 1)
+    sparse = tmp_path / "huge.jpg"  # 300 MB on paper, a few bytes on disk
+    with open(sparse, "wb") as f:
+        f.write(encode(Image.new("RGB", (32, 32)), "JPEG"))
+        f.truncate(300 * 2**20)
+    with pytest.raises(ImageError, match=r"huge\.jpg: file too large: 314572800 bytes exceeds "
+                                         r"the limit of 268435456"):
+        load_rgb(sparse)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="max_file_bytes"):
+            load_rgb(path, max_file_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_pillow_bomb_limit_is_reported_as_jaxdreams_limit(tmp_path: Path) -> None:
+    """2**31 x 1 trips Pillow's own guard inside Image.open; the message names --max-pixels."""
+    path = write(tmp_path / "wide.png",
+                 raw_png(2**31, 1, bit_depth=1, color_type=0, idat=zlib.compress(b"\0" * 8)))
+    with pytest.raises(ImageError) as info:
+        load_rgb(path)
+    message = str(info.value)
+    assert f"declared {2**31} pixels exceeds the limit of {images.DEFAULT_MAX_PIXELS}" in message
+    assert "--max-pixels" in message
+    assert "178956970" not in message

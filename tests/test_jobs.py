@@ -131,7 +131,7 @@ def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path
     way, and what is left is exactly what --resume renders."""
     items = [_item(name, outdir=tmp_path) for name in "abcd"]
     (tmp_path / "a_dream.png").write_bytes(b"png")
-    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, [])
+    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, tmp_path)
     summary = jobs.JobSummary()
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(unit_size=2),
                                                                      tmp_path)
@@ -155,7 +155,7 @@ def test_a_full_output_disk_stops_the_job_and_leaves_it_resumable(tmp_path: Path
 def test_a_job_whose_workers_all_died_stops_and_leaves_the_rest_to_resume(
         tmp_path: Path) -> None:
     items = [_item(name, outdir=tmp_path) for name in "abc"]
-    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, [])
+    writer = jobs.ManifestWriter(tmp_path / jobs.MANIFEST_NAME, tmp_path)
     summary = jobs.JobSummary()
     config: Any = dataclasses.make_dataclass("C", ["job", "output"])(JobSettings(), tmp_path)
     driver = jobs.Scheduler(config, items, writer, summary, say=print, progress=False,
@@ -336,23 +336,15 @@ def test_an_unwritable_manifest_stops_the_job_with_a_clear_error_and_resume_fini
     real_append = jobs.ManifestWriter.append
     calls = []
 
-    class FullDisk:
-        """The manifest's file once the disk is full: every write fails with ENOSPC."""
-
-        def __init__(self, file: Any) -> None:
-            self.file = file
-
-        def writelines(self, lines: Any) -> None:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def close(self) -> None:
-            self.file.close()
+    def full_disk(data: bytes) -> None:
+        """The manifest's writes once the disk is full: every one fails with ENOSPC."""
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def disk_fills_up(self: jobs.ManifestWriter, rows: Any) -> None:
         if rows:
             calls.append(len(rows))
             if len(calls) == 2:
-                self._file = FullDisk(self._file)
+                self._write = full_disk  # type: ignore[method-assign]
         real_append(self, rows)
 
     monkeypatch.setattr(jobs.ManifestWriter, "append", disk_fills_up)

@@ -15,15 +15,22 @@ def test_the_manifest_module_does_not_import_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_rewrite_keeps_exactly_the_rows_given_and_appends_follow_it(tmp_path: Path) -> None:
+def test_opening_rebuilds_from_what_exists_and_appends_follow_it(tmp_path: Path) -> None:
+    """The manifest is never replaced with less than it held: opening keeps every item's last
+    row (and rows of other jobs) and drops only done rows whose output is gone."""
     path = tmp_path / "manifest.jsonl"
-    path.write_text('{"id": "old", "output": "x.png", "status": "done"}\n', encoding="utf-8")
-    (tmp_path / "a.png").write_bytes(b"png")
-    keep = [{"id": "a", "output": "a.png", "status": "done"}]
-    writer = ManifestWriter(path, keep)
+    path.write_text('{"id": "gone", "input": "g", "output": "x.png", "status": "done"}\n'
+                    '{"id": "a", "input": "a", "output": null, "status": "failed"}\n'
+                    '{"id": "a", "input": "a", "output": "a.png", "status": "done"}\n'
+                    '{"id": "other", "input": "o", "output": "o.png", "status": "done"}\n'
+                    '{"id": "torn", "inp', encoding="utf-8")
+    for name in ("a.png", "o.png"):
+        (tmp_path / name).write_bytes(b"png")
+    writer = ManifestWriter(path, tmp_path)
     writer.append([{"id": "b", "output": None, "status": "failed", "error": "bad\nname"}])
     writer.close()
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["a", "b"], "old rows are gone"
-    assert list(finished_rows(read_manifest(path), tmp_path)) == [("a", "a.png")]
+    assert [json.loads(line)["id"] for line in lines] == ["a", "other", "b"]
+    assert list(finished_rows(read_manifest(path), tmp_path)) == [("a", "a.png"),
+                                                                  ("other", "o.png")]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "no temporary left"

@@ -23,10 +23,14 @@ from typing import Any
 #: Public name -> the submodule that defines it. Names load on first use, so that
 #: ``jaxdream.jobs.manifest`` can be imported (and tested) without Ray.
 _WHERE = {
-    **dict.fromkeys(["MANIFEST_NAME", "ManifestWriter", "finished_rows", "item_key", "make_row",
+    **dict.fromkeys(["MANIFEST_NAME", "ManifestWriter", "compact_manifest", "compact_rows",
+                     "finished_rows", "item_key", "make_row",
                      "read_manifest", "recipe_params", "unreadable_id"], "manifest"),
     **dict.fromkeys(["DreamWorker", "UnitResult", "Worker", "WorkerPlan", "WorkerPool",
                      "connect", "plan_workers", "worker_env"], "pool"),
+    **dict.fromkeys(["PARTS_FOLDER", "PartsWriter", "read_remote_manifest", "remote_finished"],
+                    "parts"),
+    "run_remote_job": "remote",
     **dict.fromkeys(["UNITS_PER_WORKER", "WORKER_WAIT_S", "JobSummary", "Scheduler", "Unit",
                      "make_units"], "scheduler"),
     **dict.fromkeys(["clean_temporaries", "run_job"], "run"),

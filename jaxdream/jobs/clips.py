@@ -68,10 +68,10 @@ class Clip:
         return self.folder / frame_name(frames[1] - 1)
 
 
-def _digest(path: str) -> str:
+def _digest(path: str, max_file_bytes: int) -> str:
     from jaxdream.render import _file_sha256
 
-    return _file_sha256(path)
+    return _file_sha256(path, max_file_bytes)
 
 
 def _plan_clip(config: JobConfig, path: str, stem: str, weights_sha256: str,
@@ -90,7 +90,7 @@ def _plan_clip(config: JobConfig, path: str, stem: str, weights_sha256: str,
     output = config.output / f"{stem}{suffix}"
     folder = frames_folder(output)
     dream = DreamSchedules(config.variants[0].recipe, motion.dream, motion.layer_weights)
-    digest = _digest(path)
+    digest = _digest(path, config.max_file_bytes)
     if motion.kind == "video":
         info = probe_video(path, config.max_pixels)
         video = vid.VideoDream(
@@ -268,7 +268,7 @@ def run_motion_job(config: JobConfig, *, address: str | None = None, resume: boo
     summary.planned += len(failures)
     if resume:
         say(f"resuming: {summary.already_done} of {summary.planned} task(s) already done")
-    writer = ManifestWriter(summary.manifest, keep)
+    writer = ManifestWriter(summary.manifest, outdir)
     job = _Job(outdir, writer, summary, say, progress)
     try:
         writer.append(failures)

@@ -3,16 +3,18 @@
 Rows (JSON objects, one per line)::
 
     {"id", "input", "output", "status", "error", "params", "point", "seconds", "worker",
-     "node", "attempt", "finished"}
+     "node", "attempt", "input_sha256", "finished"}
 
 ``output`` is relative to the manifest's folder (null for a failed item), ``status`` is
 ``done`` or ``failed``, ``error`` the one-line reason of a failure, ``params`` the item's full
 recipe and ``point`` its grid point, ``seconds`` the item's render time in the worker. An item
 is identified by its id *and* output (two copies of one photo share an id, not an output).
-Rows are only ever appended; when an item appears more than once its last row wins. A run
-without ``resume`` starts a fresh manifest; a resumed run first rewrites it (atomically) to
-hold exactly the rows of the items it skips, so after a run that finishes every planned item
-has exactly one row.
+Rows are only ever appended; when an item appears more than once its last row wins. The
+driver holds the output folder's lock (:mod:`jaxdream.outdir`) for the whole job, so a second
+job on the same folder is refused. The manifest is never replaced with less than it held: at
+the start and the end of a job it is rebuilt (atomically) from what exists, each item's last
+row except done rows whose output is gone (:func:`compact_rows`), so after a run that finishes
+every planned item has exactly one row, and rows of earlier jobs in the folder are kept.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from jaxdream.errors import JobError
-from jaxdream.files import atomic_write
+from jaxdream.storage import is_url, redact
 
 if TYPE_CHECKING:
     from jaxdream.render import Outcome, WorkItem
@@ -40,21 +42,43 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     A driver killed while appending may leave a torn last line; it (and any other line that is
     not a JSON object with an id) is ignored.
     """
+    return _read_manifest(path)[0]
+
+
+def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows, and whether the file holds nothing else (no torn or foreign line)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return [], True
     except OSError as error:
         raise JobError(f"{path}: cannot read the manifest: {error.strerror or error}") from None
     rows: list[dict[str, Any]] = []
-    for line in data.splitlines():
+    lines = data.splitlines()
+    for line in lines:
         try:
             row = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(row, dict) and isinstance(row.get("id"), str):
             rows.append(row)
-    return rows
+    return rows, len(rows) == len(lines) and (not data or data.endswith(b"\n"))
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """One item per (id, input): a retry or a later run of the item supersedes its row."""
+    return row["id"], str(row.get("input"))
+
+
+def compact_rows(rows: Sequence[Mapping[str, Any]], outdir: Path) -> list[Mapping[str, Any]]:
+    """The manifest rebuilt from what exists: each item's last row, in order, except done
+    rows whose output file is gone. Nothing else is ever dropped (rows of other jobs or
+    configs in the same folder included)."""
+    last = {_row_key(row): index for index, row in enumerate(rows)}
+    return [row for index, row in enumerate(rows)
+            if last[_row_key(row)] == index
+            and not (row.get("status") == "done" and not (
+                isinstance(row.get("output"), str) and (outdir / row["output"]).is_file()))]
 
 
 def item_key(item: WorkItem, outdir: Path) -> tuple[str, str]:
@@ -79,45 +103,72 @@ def finished_rows(rows: Iterable[Mapping[str, Any]], outdir: Path
 
 
 class ManifestWriter:
-    """Appends rows to the manifest; each batch is flushed and fsync-ed before returning."""
+    """Appends rows to the manifest; each batch is one write, flushed and fsync-ed.
 
-    def __init__(self, path: Path, keep: Sequence[Mapping[str, Any]]) -> None:
+    The caller holds the output folder's lock (:mod:`jaxdream.outdir`), so no other jaxdream
+    job writes here. Opening compacts the manifest (:func:`compact_rows`) when there is
+    anything to drop, through a temporary file and a rename; afterwards rows are only ever
+    appended, each batch with a single ``write`` on an ``O_APPEND`` descriptor, so not even a
+    writer outside the lock could tear or lose a row.
+    """
+
+    def __init__(self, path: Path, outdir: Path) -> None:
         self.path = path
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
         try:
-            self._rewrite(keep)
-            self._file = open(path, "a", encoding="utf-8")
+            compact_manifest(path, outdir)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                               | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as error:
-            raise self._error(error) from None
-
-    def _error(self, error: OSError) -> JobError:
-        return JobError(f"{self.path}: cannot write the manifest: {error.strerror or error}; "
-                        f"outputs finished so far are complete, rerun with --resume once "
-                        f"this is fixed")
-
-    def _rewrite(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Replaces the manifest with ``rows`` through a temporary file and a rename."""
-        text = "".join(_dumps(row) for row in rows)
-        atomic_write(self.path, lambda out: out.write(text.encode("utf-8")))
+            raise _manifest_error(path, error) from None
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        assert self._file is not None
         try:
-            self._file.writelines(_dumps(row) for row in rows)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            self._write("".join(_dumps(row) for row in rows).encode("utf-8"))
         except OSError as error:
-            raise self._error(error) from None
+            raise _manifest_error(self.path, error) from None
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        while data:
+            data = data[os.write(self._fd, data):]
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             try:
-                self._file.close()
+                os.close(self._fd)
             except OSError:
                 pass  # the append that failed has already raised a readable error
-            self._file = None
+            self._fd = None
+
+
+def _manifest_error(path: Path, error: OSError) -> JobError:
+    return JobError(f"{path}: cannot write the manifest: {error.strerror or error}; "
+                    f"outputs finished so far are complete, rerun with --resume once "
+                    f"this is fixed")
+
+
+def compact_manifest(path: Path, outdir: Path) -> list[Mapping[str, Any]]:
+    """Rewrites the manifest as :func:`compact_rows` of itself when that drops anything (or
+    the file holds a torn line); returns the rows. Only under the output folder's lock."""
+    rows, clean = _read_manifest(path)
+    kept = compact_rows(rows, outdir)
+    if clean and len(kept) == len(rows):
+        return kept
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.writelines(_dumps(row) for row in kept)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return kept
 
 
 def _dumps(row: Mapping[str, Any]) -> str:
@@ -148,12 +199,15 @@ def make_row(item: WorkItem | None, outcome: Outcome, id_: str, outdir: Path, *,
     output = None
     if outcome.status == "done" and outcome.output is not None:
         output = os.path.relpath(outcome.output, outdir)
+    source = item.input if item else outcome.input
     return {
-        "id": id_, "input": item.input if item else outcome.input, "output": output,
+        "id": id_, "input": redact(source) if is_url(source) else source, "output": output,
         "status": outcome.status, "error": outcome.reason,
         "params": recipe_params(item) if item else None,
         "point": dict(item.point) if item else None,
         "seconds": round(outcome.seconds, 4), "worker": worker, "node": node,
         "attempt": attempt,
+        # What the worker read (an object's bytes are hashed only there); "" if it read none.
+        "input_sha256": outcome.input_sha256 or (item.input_sha256 if item else ""),
         "finished": _now(),
     }

@@ -11,25 +11,25 @@ from typing import TYPE_CHECKING, Any
 import ray
 from tqdm import tqdm
 
-from jaxdream.errors import JaxdreamError, JobError
-from jaxdream.files import clean_temporaries, display, output_folder
+from jaxdream.errors import JaxdreamError
+from jaxdream.files import clean_temporaries, display
 from jaxdream.jobs.manifest import (
-    MANIFEST_NAME, ManifestWriter, finished_rows, item_key, make_row, read_manifest,
-    unreadable_id,
+    MANIFEST_NAME, ManifestWriter, compact_manifest, finished_rows, item_key, make_row,
+    read_manifest, unreadable_id,
 )
 from jaxdream.jobs.pool import connect
 from jaxdream.jobs.scheduler import WORKER_WAIT_S, JobSummary, Scheduler
 
 if TYPE_CHECKING:
     from jaxdream.config import JobConfig
-    from jaxdream.render import WorkItem
+    from jaxdream.render import Outcome, WorkItem
 
 
 
 def run_job(config: JobConfig, *, address: str | None = None, resume: bool = False,
             progress: bool = True, say: Callable[[str], None] | None = None,
             on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
-            worker_wait_s: float = WORKER_WAIT_S) -> JobSummary:
+            worker_wait_s: float = WORKER_WAIT_S, force: bool = False) -> JobSummary:
     """Runs a job config to the end and returns what it did.
 
     Per-item problems (a bad image, a failed write) are rows with a reason, never exceptions.
@@ -37,19 +37,40 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     a whole cannot go on (no cluster, no worker, an unwritable manifest); in every case the
     outputs already written are complete and the manifest lists them, so ``resume`` finishes
     the job. ``on_rows`` sees each batch of manifest rows once it is on disk.
+
+    The output folder is locked for the whole job: a second job on it raises OutputBusy naming
+    this one. ``force`` allows the filesystem root or the home folder as the output.
     """
+    from jaxdream.outdir import claim, refuse_dangerous
     from jaxdream.render import plan_items
 
+    if config.output_url:  # an object-store prefix: no folder, the manifest in parts
+        from jaxdream.jobs.remote import run_remote_job
+
+        return run_remote_job(config, address=address, resume=resume, progress=progress,
+                              say=say, on_rows=on_rows, worker_wait_s=worker_wait_s)
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
+    refuse_dangerous(config.output, force=force)
     if config.motion is not None:  # an animate: or video: job: clips, see .clips
         from jaxdream.jobs.clips import run_motion_job
 
-        return run_motion_job(config, address=address, resume=resume, progress=progress,
-                              say=say, worker_wait_s=worker_wait_s)
+        with claim(config.output, "jaxdream run", force=force):
+            return run_motion_job(config, address=address, resume=resume, progress=progress,
+                                  say=say, worker_wait_s=worker_wait_s)
     start = time.perf_counter()
-    outdir = config.output
     items, unreadable = plan_items(config)
-    output_folder(outdir, JobError)
+    with claim(config.output, "jaxdream run", force=force):
+        return _run_locked(config, items, unreadable, address=address, resume=resume,
+                           progress=progress, say=say, on_rows=on_rows,
+                           worker_wait_s=worker_wait_s, start=start)
+
+
+def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outcome], *,
+                address: str | None, resume: bool, progress: bool, say: Callable[[str], None],
+                on_rows: Callable[[list[dict[str, Any]]], None] | None,
+                worker_wait_s: float, start: float) -> JobSummary:
+    """:func:`run_job` once the output folder is locked."""
+    outdir = config.output
     summary = JobSummary(planned=len(items) + len(unreadable), manifest=outdir / MANIFEST_NAME)
 
     finished: dict[tuple[str, str], Mapping[str, Any]] = {}
@@ -64,7 +85,7 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     if resume:
         say(f"resuming: {summary.already_done} of {len(items)} item(s) already done")
 
-    writer = ManifestWriter(summary.manifest, list(finished.values()))
+    writer = ManifestWriter(summary.manifest, outdir)
     try:
         failures = [make_row(None, outcome, unreadable_id(outcome.input), outdir)
                     for outcome in unreadable]
@@ -87,15 +108,21 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
             clean_temporaries(item.output for item in todo)
     finally:
         writer.close()
-    _sheets_and_gallery(config, items, summary.manifest, say)
+    try:  # each item's last row is what counts; keep one, so the manifest reads simply
+        compact_manifest(summary.manifest, outdir)
+    except (OSError, JaxdreamError) as error:
+        say(f"error: {summary.manifest}: cannot tidy the manifest: {display(str(error))}")
+        summary.problems += 1
+    summary.problems += _sheets_and_gallery(config, items, summary.manifest, say)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: Path,
-                        say: Callable[[str], None]) -> None:
-    """Contact sheets (for a grid) and index.html from what the manifest records; a problem
-    here is reported and never fails the job, whose outputs are already safe."""
+                        say: Callable[[str], None]) -> int:
+    """Contact sheets (for a grid) and index.html from what the manifest records (failed
+    inputs included); returns how many ``error:`` lines a problem here cost. The outputs are
+    safe either way, but the exit status must show it."""
     from jaxdream.gallery import sheets_and_gallery
     from jaxdream.render import Outcome
 
@@ -103,8 +130,16 @@ def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: 
         rows = read_manifest(manifest)
     except (JaxdreamError, OSError) as error:
         say(f"error: gallery not written: {display(str(error))}")
-        return
+        return 1
     outcomes = [Outcome(row["input"], config.output / row["output"] if row.get("output")
                         else None, row["status"], row.get("error") or "", row["id"])
                 for row in rows if isinstance(row.get("id"), str)]
-    sheets_and_gallery(config, items, outcomes, report=say)
+    errors = 0
+
+    def counting(line: str) -> None:
+        nonlocal errors
+        errors += line.startswith("error:")
+        say(line)
+
+    sheets_and_gallery(config, items, outcomes, report=counting)
+    return errors

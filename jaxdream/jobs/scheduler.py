@@ -94,14 +94,15 @@ class JobSummary:
     programs: int = 0  #: compiled programs built by the workers (compiled or loaded from disk)
     compile_seconds: float = 0.0
     seconds: float = 0.0
-    manifest: Path = Path(MANIFEST_NAME)
+    manifest: Path | str = Path(MANIFEST_NAME)  #: a URL when the outputs are in a bucket
     stopped: str = ""  #: why the job stopped before the end, if it did
+    problems: int = 0  #: ``error:`` lines not tied to an item (a sheet, the gallery)
 
     @property
     def exit_status(self) -> int:
-        return 1 if (self.failed or self.not_run or self.stopped) else 0
+        return 1 if (self.failed or self.not_run or self.stopped or self.problems) else 0
 
-    def describe(self, output: Path) -> str:
+    def describe(self, output: Path | str) -> str:
         rate = self.done / self.seconds if self.seconds > 0 else 0.0
         parts = [f"{self.failed} failed"]
         if self.already_done:
@@ -268,7 +269,8 @@ class Scheduler:
             if key in self.recorded:
                 continue  # a duplicate completion (a retried unit that had in fact finished)
             self.recorded.add(key)
-            if outcome.status == "done" and not item.output.is_file():
+            # An uploaded object exists once the worker's PUT returned (item.dest).
+            if outcome.status == "done" and not item.dest and not item.output.is_file():
                 outcome = _failed(item, f"{item.output}: the worker wrote it but the driver "
                                         f"cannot see it; the output folder must be on a "
                                         f"filesystem every node shares")
@@ -295,8 +297,11 @@ class Scheduler:
 def _failed(item: WorkItem, why: str) -> Outcome:
     from jaxdream.render import Outcome
 
-    if not why.startswith(item.input):
-        why = f"{item.input}: {why}"
+    from jaxdream.storage import is_url, redact
+
+    shown = redact(item.input) if is_url(item.input) else item.input  # no presigned signature
+    if not why.startswith(shown):
+        why = f"{shown}: {why}"
     return Outcome(item.input, None, "failed", why, item.id)
 
 

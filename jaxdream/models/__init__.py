@@ -41,7 +41,7 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
     from flax import nnx
 
     from jaxdream.models.checkpoint import load_state_dict, sha256_file
-    from jaxdream.models.convert import load_state_dict_into
+    from jaxdream.models.convert import check_shapes_fit, load_state_dict_into
 
     spec = get_spec(name)
     if spec.load is not None:
@@ -49,9 +49,12 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
     # Built abstractly: random initialisation op by op costs seconds on CPU, and every value
     # is overwritten by the checkpoint anyway.
     module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
-    state_dict = load_state_dict(weights)
-    load_state_dict_into(module, state_dict, spec.key_map, ignore=spec.ignore_key,
-                         source=f"weights file {weights}")
+    source = f"weights file {weights}"
+    # Names and shapes are compared before any tensor data is read: a wrong or hostile file
+    # is refused at the cost of its pickle, and never allocates more than the model needs.
+    state_dict = load_state_dict(weights, check=lambda shapes: check_shapes_fit(
+        module, shapes, spec.key_map, ignore=spec.ignore_key, source=source))
+    load_state_dict_into(module, state_dict, spec.key_map, ignore=spec.ignore_key, source=source)
     return LoadedModel(spec, module, Path(weights), sha256_file(weights))
 
 

@@ -49,7 +49,11 @@ import numpy as np
 from jaxdream.errors import CheckpointError
 from jaxdream.files import Refused, open_regular_file
 
-__all__ = ["load_state_dict", "sha256_file"]
+__all__ = ["TensorShapes", "load_state_dict", "sha256_file"]
+
+#: What ``load_state_dict(path, check=...)`` hands its check: each tensor's name, shape and
+#: dtype, known from the pickle alone, before a single byte of tensor data is read or inflated.
+TensorShapes = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
 _MAGIC_NUMBER: Final = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION: Final = 1001
@@ -65,6 +69,14 @@ _EXPANSION_SLACK_BYTES: Final = 64 * 2**20
 # zlib cannot inflate more than about 1032:1; an entry claiming more is lying about its size.
 _MAX_DEFLATE_RATIO: Final = 1100
 _MAX_PICKLE_BYTES: Final = 2**30
+# torch.save never compresses a zip entry; a re-zipped checkpoint may. A compressed entry is the
+# one place a small file can ask for far more memory than it occupies, so compressed data is
+# bounded twice: by what the tensors described in the pickle (the model's, once ``check`` has
+# matched them) can hold, and by a ratio no real weights reach (random floats barely compress:
+# about 1.1:1), so even an unchecked load of a 10 MB file never inflates more than ~160 MB.
+_MAX_COMPRESSED_PICKLE_BYTES: Final = 64 * 2**20
+_MAX_INFLATE_RATIO: Final = 16
+_INFLATE_SLACK_BYTES: Final = 2**20
 _MAX_NDIM: Final = 64
 _MAX_ELEMENTS: Final = 2**62
 # Text opcodes (GLOBAL module/name lines) never need long lines; without a cap a newline-free
@@ -778,12 +790,43 @@ def _needed_keys(tensors: Mapping[str, _TensorRef]) -> dict[str, None]:
     return {ref.storage.key: None for ref in tensors.values() if ref.numel}
 
 
+def _run_check(tensors: Mapping[str, _TensorRef], check: Callable[[TensorShapes], None] | None
+               ) -> None:
+    """Let the caller compare names and shapes with its model before any tensor data is read:
+    a checkpoint of the wrong architecture (or a trap posing as one) then costs nothing."""
+    if check is not None:
+        check(MappingProxyType({name: (ref.shape, ref.dtype) for name, ref in tensors.items()}))
+
+
+def _check_inflation(tensors: Mapping[str, _TensorRef], members: Mapping[str, zipfile.ZipInfo]
+                     ) -> None:
+    """Refuse compressed entries that would inflate to more than the tensors can hold, or to
+    far more than their compressed size (see _MAX_INFLATE_RATIO), before inflating any."""
+    compressed = [info for info in members.values() if info.compress_type != zipfile.ZIP_STORED]
+    if not compressed:
+        return
+    inflated = sum(info.file_size for info in compressed)
+    packed = sum(info.compress_size for info in compressed)
+    tensor_bytes = sum(ref.nbytes for ref in tensors.values())
+    if inflated > _MAX_INFLATE_RATIO * packed + _INFLATE_SLACK_BYTES:
+        why = f"more than {_MAX_INFLATE_RATIO} times their compressed size"
+    elif inflated > tensor_bytes + _INFLATE_SLACK_BYTES:
+        why = f"more than the {tensor_bytes} bytes its tensors hold"
+    else:
+        return
+    raise _Reject(
+        f"has {len(compressed)} compressed storage entries that would inflate {packed} bytes "
+        f"into {inflated} bytes, {why}; refused before inflating (torch.save never compresses)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The two layouts
 # --------------------------------------------------------------------------------------------
 
 
-def _load_legacy(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
+def _load_legacy(file: BinaryIO, size: int, check: Callable[[TensorShapes], None] | None
+                 ) -> dict[str, np.ndarray]:
     magic = _next_pickle(file, size, "magic number", None)
     if type(magic) is not int or magic != _MAGIC_NUMBER:
         raise _Reject("is a pickle but not a torch.save file (wrong magic number)")
@@ -803,6 +846,7 @@ def _load_legacy(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
     if type(keys) is not list or not all(type(k) is str for k in keys):
         raise _Reject("has a malformed storage key list")
     tensors = _select_state_dict(obj)
+    _run_check(tensors, check)
     needed = _needed_keys(tensors)
     _check_expansion(tensors, sum(_storage_nbytes(storages.declared[k]) for k in needed))
 
@@ -868,7 +912,8 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive_size: int) 
     return data
 
 
-def _load_zip(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
+def _load_zip(file: BinaryIO, size: int, check: Callable[[TensorShapes], None] | None
+              ) -> dict[str, np.ndarray]:
     with zipfile.ZipFile(file) as zf:
         infos = {info.filename: info for info in zf.infolist()}
         pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -893,10 +938,18 @@ def _load_zip(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
         pickle_info = infos[pickles[0]]
         if pickle_info.file_size > _MAX_PICKLE_BYTES:
             raise _Reject(f"has a data.pkl larger than {_MAX_PICKLE_BYTES} bytes")
+        if (pickle_info.compress_type != zipfile.ZIP_STORED
+                and pickle_info.file_size > _MAX_COMPRESSED_PICKLE_BYTES):
+            raise _Reject(
+                f"has a compressed data.pkl that would inflate to {pickle_info.file_size} bytes "
+                f"(limit {_MAX_COMPRESSED_PICKLE_BYTES} for a compressed pickle)"
+            )
         data = _read_member(zf, pickle_info, size)
         _prescan(io.BytesIO(data), "data.pkl")
         storages = _Storages(legacy=False)
         tensors = _select_state_dict(_unpickle(data, storages))
+        del data
+        _run_check(tensors, check)
 
         needed = _needed_keys(tensors)
         members: dict[str, zipfile.ZipInfo] = {}
@@ -915,6 +968,7 @@ def _load_zip(file: BinaryIO, size: int) -> dict[str, np.ndarray]:
             _check_member(info, size)
             members[key] = info
         _check_expansion(tensors, sum(info.file_size for info in members.values()))
+        _check_inflation(tensors, members)
         buffers = {key: _read_member(zf, info, size) for key, info in members.items()}
     return _build(tensors, buffers, file_order)
 
@@ -933,7 +987,9 @@ def _open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
         raise _Reject(str(exc)) from None
 
 
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def load_state_dict(
+    path: str | os.PathLike[str], *, check: Callable[[TensorShapes], None] | None = None
+) -> dict[str, np.ndarray]:
     """Load a PyTorch state dict as numpy arrays, safely, without PyTorch installed.
 
     Downloaded weights must never be able to run code, and the converters downstream must not
@@ -950,6 +1006,12 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     bfloat16 and float8 tensors are returned with the ``ml_dtypes`` dtypes (which jax uses
     natively), so no precision is lost and ``jnp.asarray`` keeps them as they are.
 
+    ``check``, if given, sees every tensor's name, shape and dtype as soon as the pickle is
+    parsed, before any tensor data is read or inflated; whatever it raises propagates unchanged.
+    Pass a comparison with the model, so a checkpoint of the wrong architecture (or a trap posing
+    as one) is refused at the cost of its pickle. Compressed zip entries (torch.save never writes
+    them) may inflate to no more than the tensors hold, nor more than 16 times their stored size.
+
     Raises:
         CheckpointError: the file cannot be read, is truncated or corrupt, is not a torch.save
             file, refers to anything but tensor data (the message names the refused global as
@@ -964,9 +1026,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             if not head:
                 raise _Reject("is empty")
             if head.startswith(b"PK\x03\x04"):
-                return _load_zip(file, size)
+                return _load_zip(file, size, check)
             if head.startswith(b"\x80"):
-                return _load_legacy(file, size)
+                return _load_legacy(file, size, check)
             if head[257:262] == b"ustar":
                 raise _Reject("is a tar archive (the oldest torch.save layout): not supported")
             raise _Reject("is not a PyTorch checkpoint (neither a zip archive nor a pickle)")

@@ -17,6 +17,8 @@ from flax import nnx
 from jaxdream.errors import ConversionError
 from jaxdream.models.keys import KeyMap
 
+_Path = tuple[str | int, ...]
+
 _MAX_LISTED = 20
 
 
@@ -34,6 +36,27 @@ def load_state_dict_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray]
     ``model`` may be abstract (built under ``nnx.eval_shape``): every leaf is replaced, and a
     leaf that would stay abstract is reported as unfilled.
     """
+    leaves, filled = _match(model, state_dict, key_map, ignore, source)
+    for path, array in filled.items():
+        leaves[path].set_value(jnp.asarray(array, dtype=leaves[path].get_value().dtype))
+
+
+def check_shapes_fit(model: nnx.Module,
+                     shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]], key_map: KeyMap, *,
+                     ignore: Callable[[str], bool] = lambda k: False,
+                     source: str = "checkpoint") -> None:
+    """Raises the ConversionError :func:`load_state_dict_into` would, from names, shapes and
+    dtypes alone, so a checkpoint's data need not be read (or inflated) to be refused."""
+    # Zero-stride views: the right shape and dtype, one element of memory each.
+    placeholders = {name: np.broadcast_to(np.zeros((), dtype), shape)
+                    for name, (shape, dtype) in shapes.items()}
+    _match(model, placeholders, key_map, ignore, source)
+
+
+def _match(model: nnx.Module, state_dict: Mapping[str, np.ndarray], key_map: KeyMap,
+           ignore: Callable[[str], bool], source: str
+           ) -> tuple[dict[_Path, nnx.Variable], dict[_Path, np.ndarray]]:
+    """The model's leaves and the (transposed) array for each, or every problem at once."""
     state = nnx.state(model)
     leaves = {tuple(path): var for path, var in nnx.to_flat_state(state)}
     filled: dict[tuple[str | int, ...], np.ndarray] = {}
@@ -89,6 +112,4 @@ def load_state_dict_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray]
     if problems:
         raise ConversionError(f"{source} does not fit {type(model).__name__}:\n  "
                               + "\n  ".join(problems))
-
-    for path, array in filled.items():
-        leaves[path].set_value(jnp.asarray(array, dtype=leaves[path].get_value().dtype))
+    return leaves, filled

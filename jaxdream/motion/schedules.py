@@ -28,7 +28,7 @@ INTERPOLATIONS = ("linear", "smooth")
 MAX_FRAME = 100_000_000
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_PAIR = re.compile(rf"^\s*(\S+?)\s*:\s*\(?\s*(\S+?)\s*\)?\s*$")
+_PAIR = re.compile(r"^\s*(\S+?)\s*:\s*\(?\s*(\S+?)\s*\)?\s*$")
 
 
 @dataclasses.dataclass(frozen=True)

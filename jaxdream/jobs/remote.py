@@ -1,0 +1,84 @@
+"""Running a job whose output is an object-store prefix (``output: s3://bucket/out``).
+
+The same plan, units, workers and retries as :func:`jaxdream.jobs.run.run_job`; what differs
+is where things are. Workers upload each PNG as one whole object under its deterministic name
+(a retried unit PUTs the same bytes under the same name); the manifest is parts beside the
+outputs (:mod:`.parts`), compacted into ``manifest.jsonl`` at the end; ``resume`` lists the
+prefix once and reads the manifest from it, so it works from any machine that can read the
+prefix. No node needs a shared folder. Before anything renders, a small object is written
+and removed under the prefix, so a missing bucket, wrong credentials or a forbidden prefix
+stop the job with one line (ConfigError, exit status 2). Contact sheets and the gallery are
+not written for such outputs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import ray
+from tqdm import tqdm
+
+from jaxdream.files import display
+from jaxdream.jobs.manifest import MANIFEST_NAME, item_key, make_row, unreadable_id
+from jaxdream.jobs.parts import PartsWriter, read_remote_manifest, remote_finished
+from jaxdream.jobs.pool import connect
+from jaxdream.jobs.scheduler import WORKER_WAIT_S, JobSummary, Scheduler
+from jaxdream.storage import check_writable, join, list_prefix, redact
+
+if TYPE_CHECKING:
+    from jaxdream.config import JobConfig
+
+
+def run_remote_job(config: JobConfig, *, address: str | None = None, resume: bool = False,
+                   progress: bool = True, say: Callable[[str], None] | None = None,
+                   on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+                   worker_wait_s: float = WORKER_WAIT_S) -> JobSummary:
+    """:func:`jaxdream.jobs.run_job` for ``config.output_url``; same contract."""
+    from jaxdream.render import plan_items
+
+    say = say or (lambda line: tqdm.write(line, file=sys.stderr))
+    start = time.perf_counter()
+    prefix, outdir = config.output_url, config.output
+    check_writable(prefix)  # before planning lists a million inputs, and before any render
+    items, unreadable = plan_items(config)
+    summary = JobSummary(planned=len(items) + len(unreadable),
+                         manifest=join(redact(prefix), MANIFEST_NAME))  # type: ignore[arg-type]
+
+    finished: dict[tuple[str, str], Mapping[str, Any]] = {}
+    if resume:
+        names = list_prefix(prefix, recursive=True)
+        planned = {item_key(item, outdir) for item in items}
+        finished = {key: row for key, row in
+                    remote_finished(read_remote_manifest(prefix, names), names).items()
+                    if key in planned}
+    todo = [item for item in items if item_key(item, outdir) not in finished]
+    summary.already_done = len(items) - len(todo)
+    if resume:
+        say(f"resuming: {summary.already_done} of {len(items)} item(s) already done")
+
+    writer = PartsWriter(prefix, list(finished.values()))
+    failures = [make_row(None, outcome, unreadable_id(outcome.input), outdir)
+                for outcome in unreadable]
+    for row in failures:
+        say(f"error: {display(row['error'])}")
+    writer.append(failures)
+    summary.failed += len(failures)
+    if todo:
+        started = connect(address)
+        scheduler: Scheduler | None = None
+        try:
+            scheduler = Scheduler(config, todo, writer, summary,  # type: ignore[arg-type]
+                                  say=say, progress=progress, on_rows=on_rows,
+                                  worker_wait_s=worker_wait_s)
+            scheduler.run()
+        finally:
+            if scheduler is not None:
+                scheduler.stop()
+            if started:
+                ray.shutdown()
+    writer.compact()
+    summary.seconds = time.perf_counter() - start
+    return summary
