@@ -246,13 +246,11 @@ def run_motion_job(config: JobConfig, *, address: str | None = None, resume: boo
             why = str(error) if str(error).startswith(path) else f"{path}: {error}"
             failures.append({"id": unreadable_id(path), "input": path, "output": None,
                              "status": "failed", "error": why, "kind": "clip"})
-    keep: list[Mapping[str, Any]] = []
     todo: list[Task] = []
     for clip in clips:
         summary.planned += len(clip.tasks)
         row = before.get((clip.id, os.path.relpath(clip.record, outdir)))
         if row is not None:
-            keep.append(row)
             clip.complete = True
             summary.already_done += len(clip.tasks)
             continue
@@ -260,7 +258,6 @@ def run_motion_job(config: JobConfig, *, address: str | None = None, resume: boo
             row = before.get((task.key[1],
                               os.path.relpath(clip.last_frame(task.key[2]), outdir)))
             if row is not None and task.method == "segment":
-                keep.append(row)
                 summary.already_done += 1
             else:
                 todo.append(task)
