@@ -120,6 +120,12 @@ def add_motion_commands(commands: Any) -> None:
     video.add_argument("--warmup", type=int, default=12,
                        help="frames each segment dreams before its first and throws away; "
                             "carried detail fades as blend^frames, so 12 at blend 0.8 (12)")
+    video.add_argument("--ray", action="store_true", help="dream the segments on Ray "
+                       "workers (a private Ray on this machine, or --address)")
+    video.add_argument("--address", default=None, help="with --ray: the cluster (host:port, "
+                       "'auto'; default $RAY_ADDRESS), whose nodes all see OUT")
+    video.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="with --ray: N workers (one per GPU, else per CPU node)")
     video.add_argument("--max-pixels", type=int, default=None, metavar="N",
                        help="refuse videos whose frames declare more pixels (67108864)")
     _add_dream_options(video)
@@ -311,7 +317,7 @@ def _check_counts(args: argparse.Namespace) -> None:
     _check_output(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    for name in ("frames", "segments"):
+    for name in ("frames", "segments", "workers"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
@@ -391,7 +397,7 @@ def _run_video(args: argparse.Namespace) -> int:
 
     from jaxdream.images import DEFAULT_MAX_PIXELS
     from jaxdream.motion import video as vid
-    from jaxdream.motion.common import Engines, frames_folder, prepare_folder
+    from jaxdream.motion.common import frames_folder, prepare_folder
     from jaxdream.motion.schedules import Schedule
     from jaxdream.motion.videoio import probe_video
 
@@ -410,17 +416,16 @@ def _run_video(args: argparse.Namespace) -> int:
     info = probe_video(args.input, args.max_pixels or DEFAULT_MAX_PIXELS)
     with open(args.input, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    _use_compilation_cache()
-    engines = Engines.load(dream.recipe, args.weights, args.batch_size)
-    _check_weights(sha, engines, f"recipe {args.recipe}")
+    engines, weights_sha = _video_engines(args, dream.recipe, sha)
     output = Path(args.output)
     folder = frames_folder(output)
-    prepare_folder(folder, video.identity(info, digest, engines.model.weights_sha256),
+    prepare_folder(folder, video.identity(info, digest, weights_sha),
                    {"frames": info.frames, "input": Path(args.input).name}, args.overwrite)
     if video.independent:
         # Independent frames need no warm-up, and a batch's worth of segments fills each
         # compiled call.
-        segments = vid.plan_segments(info.frames, max(args.segments, engines.batch_size), 0)
+        batch = engines.batch_size if engines is not None else 1
+        segments = vid.plan_segments(info.frames, max(args.segments, batch), 0)
     else:
         segments = vid.plan_segments(info.frames, args.segments, args.warmup)
     start = time.perf_counter()
@@ -428,8 +433,11 @@ def _run_video(args: argparse.Namespace) -> int:
     def report_frame(t: int, path: Path) -> None:
         print(f"frame {t + 1}/{info.frames}: {path}", file=sys.stderr)
 
-    report = vid.render_segments(info, segments, video, engines, folder, digest,
-                                 on_frame=None if args.quiet else report_frame)
+    if engines is None:
+        report = _segments_on_ray(args, info, segments, video, folder, digest)
+    else:
+        report = vid.render_segments(info, segments, video, engines, folder, digest,
+                                     on_frame=None if args.quiet else report_frame)
     _encode(output, folder, info.frames, info.fps, args.input)
     seconds = time.perf_counter() - start
     cuts = f"; scene cuts at {report.cuts}" if report.cuts else ""
@@ -444,6 +452,39 @@ def _run_video(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(output)
     return EXIT_OK
+
+
+def _video_engines(args: argparse.Namespace, recipe: Recipe, sha: str | None
+                   ) -> tuple[Any, str]:
+    """The engines that dream here and the weights' SHA-256; with --ray no engine (the
+    workers load the model), only the weights' hash."""
+    if args.ray:
+        from jaxdream.models import weights_sha256
+
+        actual = weights_sha256(recipe.model, args.weights)
+        if sha is not None and sha != actual:
+            raise ConfigError(f"recipe {args.recipe} was rendered with weights sha256 "
+                              f"{sha[:16]}..., but the weights given are {actual[:16]}...; "
+                              f"pass --weights with the matching file")
+        return None, actual
+    from jaxdream.motion.common import Engines
+
+    _use_compilation_cache()
+    engines = Engines.load(recipe, args.weights, args.batch_size)
+    _check_weights(sha, engines, f"recipe {args.recipe}")
+    return engines, engines.model.weights_sha256
+
+
+def _segments_on_ray(args: argparse.Namespace, info: Any, segments: Any, video: Any,
+                     folder: Path, digest: str) -> Any:
+    """The segments dreamed by Ray workers (:mod:`jaxdream.jobs.motion`)."""
+    from jaxdream.config import JobSettings
+    from jaxdream.jobs.motion import render_segments_on_ray
+
+    return render_segments_on_ray(
+        info, segments, video, folder, digest, JobSettings(workers=args.workers,
+        batch_size=args.batch_size), weights=args.weights, address=args.address,
+        say=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
 
 
 def run_motion(args: argparse.Namespace) -> int:

@@ -21,7 +21,9 @@ _DESCRIPTION = (
     "Dreams every input of a job config (inputs x grid) with Ray workers and writes "
     "OUTDIR/manifest.jsonl, one row per item as it finishes. Without --address (or "
     "RAY_ADDRESS) the job starts a private Ray instance on this machine; with one it joins "
-    "that cluster, whose nodes must all see the output folder. Exit status: 0 all done, "
+    "that cluster, whose nodes must all see the output folder. A config with animate: or "
+    "video: dreams clips instead: one per input, a video's segments shared among the "
+    "workers, a row per segment and per clip. Exit status: 0 all done, "
     "1 some items failed or were not run, 2 the config or options are wrong.")
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jaxdream.config_motion import MotionJob, read_motion
 from jaxdream.errors import ConfigError, first_few
 from jaxdream.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from jaxdream.models import DEFAULT_MODEL, MODELS, ModelSpec
@@ -83,6 +84,8 @@ class JobConfig:
     #: True for inputs named on the command line: an entry that yields no image is one failed
     #: input among the others; in a config file it is an error before any work starts.
     lenient_inputs: bool = False
+    #: An ``animate:`` or ``video:`` job (:mod:`jaxdream.config_motion`); None for stills.
+    motion: MotionJob | None = None
     #: The output as written when it is an object-store prefix (``s3://bucket/out``, no
     #: trailing slash); ``output`` then only names outputs relative to it. "" for a folder.
     output_url: str = ""
@@ -92,7 +95,7 @@ _RECIPE_TYPES = typing.get_type_hints(Recipe)
 _JOB_TYPES = typing.get_type_hints(JobSettings)
 _JOB_MINIMUM = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 1,
                 "unit_size": 1, "retries": 0}
-_SECTIONS = ("dream", "grid", "job")
+_SECTIONS = ("dream", "grid", "job", "animate", "video")
 _VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels",
                "max_file_bytes")
 TOP_KEYS = (*_VALUE_KEYS, *_SECTIONS)
@@ -361,7 +364,7 @@ class _Reader:
                          max_file_bytes=max_file_bytes,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
-                         recipe=self.recipe_path,
+                         recipe=self.recipe_path, motion=read_motion(self, data, where, variants),
                          output_url=output.rstrip("/") if is_url(output) else "")
 
 

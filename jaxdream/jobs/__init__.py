@@ -34,6 +34,9 @@ _WHERE = {
     **dict.fromkeys(["UNITS_PER_WORKER", "WORKER_WAIT_S", "JobSummary", "Scheduler", "Unit",
                      "make_units"], "scheduler"),
     **dict.fromkeys(["clean_temporaries", "run_job"], "run"),
+    **dict.fromkeys(["MotionWorker", "Task", "TaskResult", "render_segments_on_ray",
+                     "run_tasks", "start_pool"], "motion"),
+    **dict.fromkeys(["run_motion_job"], "clips"),
 }
 __all__ = ["JobError", *_WHERE]
 

@@ -50,8 +50,14 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
         return run_remote_job(config, address=address, resume=resume, progress=progress,
                               say=say, on_rows=on_rows, worker_wait_s=worker_wait_s)
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
-    start = time.perf_counter()
     refuse_dangerous(config.output, force=force)
+    if config.motion is not None:  # an animate: or video: job: clips, see .clips
+        from jaxdream.jobs.clips import run_motion_job
+
+        with claim(config.output, "jaxdream run", force=force):
+            return run_motion_job(config, address=address, resume=resume, progress=progress,
+                                  say=say, worker_wait_s=worker_wait_s)
+    start = time.perf_counter()
     items, unreadable = plan_items(config)
     with claim(config.output, "jaxdream run", force=force):
         return _run_locked(config, items, unreadable, address=address, resume=resume,

@@ -27,15 +27,8 @@ from jaxdream import __version__
 from jaxdream.motion.common import DreamSchedules, Engines, first_missing, load_frame, \
     prepare_folder, write_frame
 from jaxdream.motion.flow import per_frame, transform, zoom_matrix
-from jaxdream.motion.schedules import Bounds, Schedule
+from jaxdream.motion.schedules import MOTION_KEYS, Schedule
 
-#: Motion parameters, per second.
-MOTION_KEYS: dict[str, Bounds] = {
-    "zoom": Bounds(0.0, 100.0, open_low=True),
-    "angle": Bounds(-36_000.0, 36_000.0),
-    "translate_x": Bounds(-100_000.0, 100_000.0),
-    "translate_y": Bounds(-100_000.0, 100_000.0),
-}
 MOTION_DEFAULTS = {"zoom": 1.25, "angle": 0.0, "translate_x": 0.0, "translate_y": 0.0}
 
 DEFAULT_FRAMES, DEFAULT_FPS = 48, 12.0

@@ -21,16 +21,10 @@ from jaxdream.engine import Engine, ItemParams, default_batch_size, item_params,
 from jaxdream.errors import ConfigError, JaxdreamError
 from jaxdream.images import load_rgb, save_png, to_uint8
 from jaxdream.models import LoadedModel, load_model
-from jaxdream.motion.schedules import Bounds, Schedule, check_bounds, parse_schedule
+from jaxdream.motion.schedules import DREAM_KEYS, Bounds, Schedule, check_bounds, parse_schedule
 from jaxdream.motion.videoio import frame_name
 from jaxdream.recipe import Recipe
 
-#: Dream parameters that may change from frame to frame.
-DREAM_KEYS: dict[str, Bounds] = {
-    "step_size": Bounds(0.0, 1000.0, open_low=True),
-    "steps": Bounds(1, 10_000, integer=True),
-    "jitter": Bounds(0, 4096, integer=True),
-}
 
 ANIMATION_FILE = "animation.json"
 

@@ -193,3 +193,25 @@ def parse_schedules(data: Mapping[str, Any], known: Mapping[str, Bounds], source
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {', '.join(known)}")
     return {key: check_bounds(parse_schedule(value, f"{source}: {key}"), known[key],
                               f"{source}: {key}") for key, value in data.items()}
+
+
+# Scheduled parameters and their ranges, here (no heavy import) so that a job config can be
+# checked without loading JAX; common, animate and video take them from here.
+
+#: Dream parameters that may change from frame to frame.
+DREAM_KEYS: dict[str, Bounds] = {
+    "step_size": Bounds(0.0, 1000.0, open_low=True),
+    "steps": Bounds(1, 10_000, integer=True),
+    "jitter": Bounds(0, 4096, integer=True),
+}
+
+#: Motion parameters of an animation, per second.
+MOTION_KEYS: dict[str, Bounds] = {
+    "zoom": Bounds(0.0, 100.0, open_low=True),
+    "angle": Bounds(-36_000.0, 36_000.0),
+    "translate_x": Bounds(-100_000.0, 100_000.0),
+    "translate_y": Bounds(-100_000.0, 100_000.0),
+}
+
+#: Video parameters.
+VIDEO_KEYS: dict[str, Bounds] = {"blend": Bounds(0.0, 1.0)}

@@ -33,11 +33,10 @@ from jaxdream.motion.common import DreamSchedules, Engines, first_missing, load_
     write_frame
 from jaxdream.motion.flow import Flicker, carried_start, flicker, motion_between, \
     pair_change
-from jaxdream.motion.schedules import Bounds, Schedule
+from jaxdream.motion.schedules import VIDEO_KEYS, Schedule
 from jaxdream.recipe import Recipe
 from jaxdream.motion.videoio import VideoInfo, frame_name, read_frames
 
-VIDEO_KEYS = {"blend": Bounds(0.0, 1.0)}
 DEFAULT_BLEND = 0.8
 DEFAULT_REFRESH = 0.3
 
@@ -154,8 +153,9 @@ def render_segments(info: VideoInfo, segments: Sequence[Segment], video: VideoDr
     engine call; frames already saved are kept, and the render continues after them."""
     size = dream_size(info.width, info.height, video.dream.recipe.max_side)
     runs = [run for s in segments if (run := _open_run(s, info, size, folder, video))]
-    skipped = sum(s.end - s.first for s in segments) - sum(r.segment.end - r.next_frame
-                                                           for r in runs)
+    # Frames kept that are already there (a run may start in its warm-up, before its first).
+    skipped = sum(s.end - s.first for s in segments) - sum(
+        r.segment.end - max(r.next_frame, r.segment.first) for r in runs)
     rendered, seconds, cuts = 0, [], []
     while runs:
         begin = time.perf_counter()
@@ -185,17 +185,19 @@ def render_segments(info: VideoInfo, segments: Sequence[Segment], video: VideoDr
         for run, full, raw, image, recipe in zip(runs, fulls, raws, dreamed, recipes,
                                                  strict=True):
             t = run.next_frame
-            run.raw, run.detail = raw, image - raw
+            output = image if full.shape == raw.shape else np.clip(
+                full + _resize(image - raw, (info.width, info.height)), 0, 255)
+            # Carry what a saved frame holds (8 bits), warm-up frames too: a resumed render
+            # then continues as the whole one did, and a segment warming up from frame 0
+            # dreams exactly the frames of one stream.
+            run.raw = raw
+            run.detail = _resize(np.rint(np.clip(output, 0, 255)), size) - raw
             if t >= run.segment.first:
-                output = image if full.shape == raw.shape else np.clip(
-                    full + _resize(run.detail, (info.width, info.height)), 0, 255)
                 path = write_frame(folder, t, output, recipe, engines.model, {
                     "input": {"name": Path(info.path).name, "sha256": input_sha256,
                               "width": info.width, "height": info.height},
                     "motion": {"kind": "independent" if video.independent else "video",
                                "blend": video.blend.at(t), "use_flow": video.use_flow}})
-                # Carry what was saved, so a resumed render continues the same way.
-                run.detail = _resize(np.rint(np.clip(output, 0, 255)), size) - raw
                 rendered += 1
                 kept += 1
                 if on_frame is not None:
