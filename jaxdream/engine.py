@@ -33,6 +33,7 @@ from jaxdream.models import LoadedModel
 from jaxdream.models.layers import compute_dtype as compute_dtype_of_networks
 from jaxdream.models.weights import cache_root
 from jaxdream.objectives import Term, TermParams, term_params
+from jaxdream import program_cache
 
 #: Guide images are squeezed to this square before their features are taken, so every guide
 #: gives features of one shape (the original notebook used a 224 x 224 crop).
@@ -64,16 +65,19 @@ class CompileStats:
     seconds: float = 0.0
     #: Of those, how many XLA compiled afresh (not found in the persistent cache).
     compiled: int = 0
+    #: Of those, how many were loaded as executables, with no tracing (see program_cache).
+    loaded: int = 0
 
     def add(self, other: CompileStats) -> None:
         self.programs += other.programs
         self.seconds += other.seconds
         self.compiled += other.compiled
+        self.loaded += other.loaded
 
     def describe(self) -> str:
-        loaded = self.programs - self.compiled
+        cached = self.programs - self.compiled - self.loaded
         return (f"{self.programs} program(s) in {self.seconds:.1f} s ({self.compiled} compiled, "
-                f"{loaded} from the compilation cache)")
+                f"{cached} from the compilation cache, {self.loaded} loaded untraced)")
 
 
 _cache_hits = 0
@@ -145,6 +149,8 @@ def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Whole dream programs are kept as executables beside it: a warm run skips tracing too.
+    program_cache.set_directory(Path(directory) / "jaxdream-programs")
 
 
 def default_cache_dir() -> Path:
@@ -253,10 +259,22 @@ class Engine:
         if program is None:
             start = time.perf_counter()
             hits = _cache_hits
-            program = _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
-                self._state, images, params).compile()
+            def compile_fresh() -> Any:
+                return _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
+                    self._state, images, params).compile()
+
+            if len(self.devices) == 1:
+                state_shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)),
+                                            self._state)
+                program, loaded = program_cache.load_or_compile(
+                    program_cache.program_key(*key, str(images.dtype), state_shapes,
+                                              str(jax.tree.structure(self._state))),
+                    (self._state, images, params), compile_fresh)
+            else:
+                program, loaded = compile_fresh(), False
             self.stats.programs += 1
-            self.stats.compiled += 1 - (_cache_hits - hits)
+            self.stats.loaded += loaded
+            self.stats.compiled += 0 if loaded else 1 - (_cache_hits - hits)
             self.stats.seconds += time.perf_counter() - start
             _PROGRAMS[key] = program
             while len(_PROGRAMS) > MAX_PROGRAMS:
