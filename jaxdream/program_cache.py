@@ -55,8 +55,12 @@ def _describe(value: Any) -> str:
 def program_key(*parts: Any) -> str:
     """A file name for the program selected by ``parts`` in this environment."""
     device = jax.devices()[0]
+    # JAXDREAM_DEPTHWISE / JAXDREAM_MAXPOOL pick the form of a layer at trace time.
+    switches = sorted((k, v) for k, v in os.environ.items()
+                      if k.startswith("JAXDREAM_") and k != "JAXDREAM_CACHE")
     identity = [_source_digest(), jax.__version__, jaxlib.__version__, device.platform,
                 getattr(device, "device_kind", ""), os.environ.get("XLA_FLAGS", ""),
+                repr(switches),
                 *(_describe(part) for part in parts)]
     return hashlib.sha256("\x00".join(identity).encode()).hexdigest()
 
