@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import re
 import tempfile
 from collections.abc import Callable
@@ -47,6 +48,19 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags: executables hold native code, and a cache
+    folder shared between machines (a network home) must not hand AVX-512 code to a CPU
+    without it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = [line for line in handle if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
 def _describe(value: Any) -> str:
     # Static function attributes print with their address; the name is what matters.
     return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
@@ -60,7 +74,11 @@ def program_key(*parts: Any) -> str:
                       if k.startswith("JAXDREAM_") and k != "JAXDREAM_CACHE")
     identity = [_source_digest(), jax.__version__, jaxlib.__version__, device.platform,
                 getattr(device, "device_kind", ""), os.environ.get("XLA_FLAGS", ""),
-                repr(switches),
+                repr(switches), _cpu_identity(),
+                # Options that change the traced program or its random bits.
+                *(str(getattr(jax.config, name)) for name in (
+                    "jax_default_matmul_precision", "jax_enable_x64",
+                    "jax_threefry_partitionable", "jax_default_prng_impl")),
                 *(_describe(part) for part in parts)]
     return hashlib.sha256("\x00".join(identity).encode()).hexdigest()
 
