@@ -259,9 +259,11 @@ class Engine:
         if program is None:
             start = time.perf_counter()
             hits = _cache_hits
-            def compile_fresh() -> Any:
-                return _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
+            def compile_fresh() -> tuple[Any, bool]:
+                before = _cache_hits
+                compiled = _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
                     self._state, images, params).compile()
+                return compiled, _cache_hits > before
 
             if len(self.devices) == 1:
                 state_shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)),
@@ -271,7 +273,7 @@ class Engine:
                                               str(jax.tree.structure(self._state))),
                     (self._state, images, params), compile_fresh)
             else:
-                program, loaded = compile_fresh(), False
+                program, loaded = compile_fresh()[0], False
             self.stats.programs += 1
             self.stats.loaded += loaded
             self.stats.compiled += 0 if loaded else 1 - (_cache_hits - hits)

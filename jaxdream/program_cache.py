@@ -83,17 +83,18 @@ def program_key(*parts: Any) -> str:
     return hashlib.sha256("\x00".join(identity).encode()).hexdigest()
 
 
-def load_or_compile(key: str, args: tuple[Any, ...], compile_fresh: Callable[[], Any]
-                    ) -> tuple[Any, bool]:
+def load_or_compile(key: str, args: tuple[Any, ...],
+                    compile_fresh: Callable[[], tuple[Any, bool]]) -> tuple[Any, bool]:
     """The executable for ``key`` from disk, or ``compile_fresh()``'s, stored for next time.
 
-    Returns (executable, loaded). Any failure to read or write the store falls back to
-    compiling: the store only ever saves time.
+    ``compile_fresh`` returns the executable and whether JAX loaded it from its compilation
+    cache. Returns (executable, loaded from this store). Any failure to read or write the
+    store falls back to compiling: the store only ever saves time.
     """
     from jax.experimental import serialize_executable
 
     if _directory is None:
-        return compile_fresh(), False
+        return compile_fresh()[0], False
     path = _directory / f"{key}.xla"
     in_tree = jax.tree.structure((args, {}))
     out_tree = jax.tree.structure(args[1])  # the dream returns one array like its images
@@ -103,14 +104,11 @@ def load_or_compile(key: str, args: tuple[Any, ...], compile_fresh: Callable[[],
                                                              out_tree), True
         except Exception:  # a stale or damaged file: compile again and replace it
             pass
-    # An executable that JAX itself loaded from its compilation cache serialises into a file
-    # that fails at run time ("function ... not found"), so compile afresh for the store.
-    previous = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        compiled = compile_fresh()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", previous)
+    compiled, from_xla_cache = compile_fresh()
+    if from_xla_cache:
+        # An executable that JAX loaded from its compilation cache serialises into a file
+        # that fails at run time ("function ... not found"): keep only fresh compiles.
+        return compiled, False
     try:
         payload, _, _ = serialize_executable.serialize(compiled)
         path.parent.mkdir(parents=True, exist_ok=True)
