@@ -150,12 +150,14 @@ def make_photos(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> li
 
 
 # ------------------------------------------------------------------------------------ runners
-def run_jaxdream(inputs: list[Path], args: list[str], cache: Path, out: Path
-                 ) -> tuple[float, str]:
-    """One ``jaxdream dream`` process; returns wall seconds and its 'built ...' summary."""
+def run_jaxdream(inputs: list[Path], args: list[str], cache: Path, out: Path,
+                 root: Path = REPO) -> tuple[float, str]:
+    """One ``jaxdream dream`` process (the code under ``root``); returns wall seconds and its
+    'built ...' summary."""
     seconds, text = timed([sys.executable, "-m", "jaxdream.cli", "dream", *map(str, inputs),
                            "-o", str(out), "-q", "--overwrite", *args],
-                          env={"JAXDREAM_CACHE": str(cache), "PYTHONPATH": str(REPO)})
+                          env={"JAXDREAM_CACHE": str(cache), "PYTHONPATH": str(root)},
+                          cwd=root)  # `python -m` puts the working folder first on sys.path
     match = re.search(r"built (\d+) program\(s\) in ([\d.]+) s \(([^)]*)\)", text)
     built = f"{match.group(1)} programs in {match.group(2)} s ({match.group(3)})" if match else "?"
     return seconds, built
@@ -237,9 +239,14 @@ def run_eager_lite0(inputs: list[Path], max_side: int, out: Path) -> float:
 # ------------------------------------------------------------------------------------ jobs
 def compare(name: str, work: str, peer_name: str, peer_seconds: float,
             jax_runs: list[tuple[str, float, str]], rows: list[str]) -> None:
+    now = {label: seconds for label, seconds, _ in jax_runs}
     for label, seconds, built in jax_runs:
-        line = (f"| {work} | {label} | {seconds:.1f} s | {peer_name}: {peer_seconds:.1f} s | "
-                f"{seconds / peer_seconds:.2f} | {built} | {load()} |")
+        ratio = "-" if peer_seconds != peer_seconds else f"{seconds / peer_seconds:.2f}"
+        if " " in label:  # an older jaxdream (--before): also say how much faster now is
+            ratio += f" (now / this: {now[label.split()[-1]] / seconds:.2f})"
+        peer = "not run" if peer_seconds != peer_seconds else f"{peer_seconds:.1f} s"
+        line = (f"| {work} | {label} | {seconds:.1f} s | {peer_name}: {peer} | "
+                f"{ratio} | {built} | {load()} |")
         print(line, flush=True)
         rows.append(line)
 
@@ -253,6 +260,11 @@ def main() -> None:
                         default=Path(tempfile.gettempdir()) / "jaxdream-peers")
     parser.add_argument("--peer-source", default=str(PEER_MIRROR) if PEER_MIRROR.exists()
                         else PEER_URL, help="git directory or URL of pytorch-deepdream")
+    parser.add_argument("--before", metavar="COMMIT",
+                        help="also time jaxdream at this commit of this repository (git "
+                             "archive into the scratch folder), same photos, same run")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="skip the peers (with --before: old against new jaxdream only)")
     parser.add_argument("--smoke", action="store_true",
                         help="one photo per job: checks the set-up, times nothing useful")
     args = parser.parse_args()
@@ -263,6 +275,24 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}; peer pytorch-deepdream@{PEER_COMMIT[:7]} with "
           f"{' '.join(PEER_PACKAGES[:2])}")
     args.scratch.mkdir(parents=True, exist_ok=True)
+    before = None
+    if args.before:
+        before = args.scratch / f"jaxdream-{args.before[:10]}"
+        if not before.is_dir():
+            before.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.before, "jaxdream"],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+
+    def jaxdream_runs(photos: list[Path], flags: list[str], name: str
+                      ) -> list[tuple[str, float, str]]:
+        runs = []
+        for tag, root in [("", REPO)] + ([(f"{args.before[:7]} ", before)] if before else []):
+            cache = work / f"{name}_{tag.strip()}cache"
+            for label in ("cold", "warm"):
+                seconds, built = run_jaxdream(photos, flags, cache, work / f"{name}_out", root)
+                runs.append((tag + label, seconds, built))
+        return runs
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     rows: list[str] = []
     print("| job | jaxdream run | jaxdream | peer | jaxdream / peer | programs built | "
@@ -278,15 +308,12 @@ def main() -> None:
             if model not in jobs:
                 continue
             photos = make_photos(work / f"{model}_in", few([(600, 400)] * count))
-            peer = run_peer(tree, args.scratch, photos, peer_model, peer_layer)
-            cache = work / f"{model}_cache"
+            peer = (float("nan") if args.no_peer
+                    else run_peer(tree, args.scratch, photos, peer_model, peer_layer))
             flags = ["--model", model, "--weights", str(weights[model]), "--layers", layer,
                      "--preset", "smooth", "--octaves", "4", "--octave-scale", "1.8",
                      "--max-side", "600"]
-            runs = []
-            for label in ("cold", "warm"):
-                seconds, built = run_jaxdream(photos, flags, cache, work / f"{model}_out")
-                runs.append((label, seconds, built))
+            runs = jaxdream_runs(photos, flags, model)
             compare(model, f"{model} {layer}, {count} photos 600x400, smooth, 4 octaves x 1.8",
                     "pytorch-deepdream, a process per photo", peer, runs, rows)
         lite_jobs = []
@@ -309,13 +336,9 @@ def main() -> None:
         for name, description, sizes, max_side in lite_jobs:
             photos = ([REPO / "examples" / "chelsea.jpg"] if sizes is None
                       else make_photos(work / f"{name}_in", few(sizes)))
-            eager = run_eager_lite0(photos, max_side, work / f"{name}_eager")
-            cache = work / f"{name}_cache"
-            runs = []
-            for label in ("cold", "warm"):
-                seconds, built = run_jaxdream(photos, ["--max-side", str(max_side)], cache,
-                                              work / f"{name}_out")
-                runs.append((label, seconds, built))
+            eager = (float("nan") if args.no_peer
+                     else run_eager_lite0(photos, max_side, work / f"{name}_eager"))
+            runs = jaxdream_runs(photos, ["--max-side", str(max_side)], name)
             compare(name, description, "eager PyTorch, one process", eager, runs, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
