@@ -59,8 +59,8 @@ JOBS = ("googlenet", "vgg16", "lite0", "one", "mixed")
 
 
 def load() -> str:
-    return open("/proc/loadavg").read().split()[:3].__repr__() if os.path.exists(
-        "/proc/loadavg") else "?"
+    """The machine's load average (1, 5, 15 min): these runs share their cores."""
+    return ", ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def timed(command: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
@@ -208,7 +208,8 @@ for path in spec["inputs"]:
     detail = torch.zeros_like(bases[-1])
     for rank, base in enumerate(reversed(bases)):
         if rank:
-            detail = F.interpolate(detail, size=base.shape[2:], mode="bilinear", align_corners=False)
+            detail = F.interpolate(detail, size=base.shape[2:], mode="bilinear",
+                                   align_corners=False)
         x = base + detail
         for _ in range(10):
             x = _classic_step(forward, x, generator, 1.5, 32)
