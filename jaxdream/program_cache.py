@@ -29,6 +29,10 @@ import jaxlib
 
 _directory: Path | None = None
 
+#: Stored programs kept (least recently used ones are deleted): each is a few MB, and every
+#: change to jaxdream's source gives new keys.
+MAX_STORED = 128
+
 
 def set_directory(directory: str | os.PathLike[str] | None) -> None:
     """Where executables are kept (None: nowhere, every program is traced and compiled)."""
@@ -100,8 +104,10 @@ def load_or_compile(key: str, args: tuple[Any, ...],
     out_tree = jax.tree.structure(args[1])  # the dream returns one array like its images
     if path.is_file():
         try:
-            return serialize_executable.deserialize_and_load(path.read_bytes(), in_tree,
-                                                             out_tree), True
+            program = serialize_executable.deserialize_and_load(path.read_bytes(), in_tree,
+                                                                out_tree)
+            os.utime(path)  # recently used: kept by the pruning below
+            return program, True
         except Exception:  # a stale or damaged file: compile again and replace it
             pass
     compiled, from_xla_cache = compile_fresh()
@@ -115,6 +121,20 @@ def load_or_compile(key: str, args: tuple[Any, ...],
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
             f.write(payload)
         os.replace(f.name, path)  # atomic: concurrent workers never read half a file
+        _prune(path.parent)
     except Exception:  # unsupported backend, read-only or full disk: just run uncached
         pass
     return compiled, False
+
+
+def _prune(directory: Path) -> None:
+    """Deletes all but the MAX_STORED most recently used programs."""
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process
+            return 0.0
+
+    stored = sorted(directory.glob("*.xla"), key=used, reverse=True)
+    for path in stored[MAX_STORED:]:
+        path.unlink(missing_ok=True)

@@ -73,3 +73,12 @@ def test_other_settings_or_sizes_never_reuse_a_program(tiny_model: LoadedModel,
     big = np.zeros((70, 45, 3), np.float32)
     Engine(tiny_model, SETTINGS).render([big], [PARAMS])
     assert len(list(store.glob("*.xla"))) == 3
+
+
+def test_only_the_most_recently_used_programs_are_kept(
+        tiny_model: LoadedModel, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(program_cache, "MAX_STORED", 2)
+    for steps in (1, 2, 3):
+        Engine(tiny_model, StaticSettings(("block2",), octaves=1, steps=steps)).render(
+            [_photo()], [PARAMS])
+    assert len(list(store.glob("*.xla"))) == 2
