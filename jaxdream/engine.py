@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdream import program_cache
 from jaxdream.ascent import SampleParams, StaticSettings, dream, octave_shapes
 from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
@@ -84,16 +85,19 @@ class CompileStats:
     seconds: float = 0.0
     #: Of those, how many XLA compiled afresh (not found in the persistent cache).
     compiled: int = 0
+    #: Of those, how many were loaded as executables, with no tracing (see program_cache).
+    loaded: int = 0
 
     def add(self, other: CompileStats) -> None:
         self.programs += other.programs
         self.seconds += other.seconds
         self.compiled += other.compiled
+        self.loaded += other.loaded
 
     def describe(self) -> str:
-        loaded = self.programs - self.compiled
+        cached = self.programs - self.compiled - self.loaded
         return (f"{self.programs} program(s) in {self.seconds:.1f} s ({self.compiled} compiled, "
-                f"{loaded} from the compilation cache)")
+                f"{cached} from the compilation cache, {self.loaded} loaded untraced)")
 
 
 _cache_hits = 0
@@ -165,6 +169,8 @@ def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Whole dream programs are kept as executables beside it: a warm run skips tracing too.
+    program_cache.set_directory(Path(directory) / "jaxdream-programs")
 
 
 def default_cache_dir() -> Path:
@@ -273,10 +279,24 @@ class Engine:
         if program is None:
             start = time.perf_counter()
             hits = _cache_hits
-            program = _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
-                self._state, images, params).compile()
+            def compile_fresh() -> tuple[Any, bool]:
+                before = _cache_hits
+                compiled = _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
+                    self._state, images, params).compile()
+                return compiled, _cache_hits > before
+
+            if len(self.devices) == 1:
+                state_shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)),
+                                            self._state)
+                program, loaded = program_cache.load_or_compile(
+                    program_cache.program_key(*key, str(images.dtype), state_shapes,
+                                              str(jax.tree.structure(self._state))),
+                    (self._state, images, params), compile_fresh)
+            else:
+                program, loaded = compile_fresh()[0], False
             self.stats.programs += 1
-            self.stats.compiled += 1 - (_cache_hits - hits)
+            self.stats.loaded += loaded
+            self.stats.compiled += 0 if loaded else 1 - (_cache_hits - hits)
             self.stats.seconds += time.perf_counter() - start
             _PROGRAMS[key] = program
             while len(_PROGRAMS) > MAX_PROGRAMS:

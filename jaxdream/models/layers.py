@@ -333,8 +333,58 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
             out -= 1
         extra = max((out - 1) * stride + window - (size + 2 * padding), 0)
         pads.append((padding, padding + extra))
+    if os.environ.get("JAXDREAM_MAXPOOL") == "xla":
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                     (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
+    return _max_pool(x, window, stride, (pads[0], pads[1]))
+
+
+def _window_slices(xp: jax.Array, window: int, stride: int, out_shape: tuple[int, ...]
+                   ) -> Iterator[jax.Array]:
+    """The window's elements for every output position, offset by offset in row-major order."""
+    rows, cols = (out_shape[1] - 1) * stride + 1, (out_shape[2] - 1) * stride + 1
+    for i in range(window):
+        for j in range(window):
+            yield jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + rows, j + cols, xp.shape[3]),
+                                (1, stride, stride, 1))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x: jax.Array, window: int, stride: int, pads: Pads) -> jax.Array:
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
                                  (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+def _max_pool_fwd(x: jax.Array, window: int, stride: int, pads: Pads
+                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = _max_pool(x, window, stride, pads)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window: int, stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array],
+                  dy: jax.Array) -> tuple[jax.Array]:
+    # XLA's gradient (select-and-scatter) measured 2x PyTorch's on CPU; this form made a
+    # GoogLeNet step at 512x384 1.5-2x faster (851 -> 441, 598 -> 366 ms, same run). Shifted
+    # slices: each window offset, in row-major order, takes the gradient of the outputs whose
+    # maximum it holds and that no earlier offset claimed (XLA's tie rule: the first maximum),
+    # and adds it back through a strided pad (the transpose of the strided slice).
+    x, y = residuals
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=-jnp.inf)
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros_like(xp)
+    for index, piece in enumerate(_window_slices(xp, window, stride, y.shape)):
+        i, j = divmod(index, window)
+        wins = (piece == y) & ~taken
+        taken = taken | wins
+        contribution = jnp.where(wins, dy, 0.0).astype(xp.dtype)
+        dxp = dxp + jax.lax.pad(contribution, jnp.zeros((), xp.dtype), (
+            (0, 0, 0), (i, xp.shape[1] - i - (y.shape[1] - 1) * stride - 1, stride - 1),
+            (j, xp.shape[2] - j - (y.shape[2] - 1) * stride - 1, stride - 1), (0, 0, 0)))
+    height, width = x.shape[1], x.shape[2]
+    return (dxp[:, pads[0][0]:pads[0][0] + height, pads[1][0]:pads[1][0] + width],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -1,0 +1,140 @@
+"""Compiled dream programs kept on disk, so that a warm run loads them instead of retracing.
+
+JAX's persistent compilation cache saves XLA's compile, but its key is the lowered program, so
+every run still traces and lowers the whole dream (1.5-3 s per image size for EfficientNet on
+2 cores) before it can look the program up. This store keys the *compiled executable* by
+everything that decides it without tracing: the jaxdream source, the jax/jaxlib versions,
+the backend and device, ``XLA_FLAGS``, the model's structure, the static settings and every
+argument's shape and dtype. A hit is one file read and a deserialise (about 0.5 s).
+
+The files hold native code and are read with JAX's own (pickle-based) executable format:
+the cache folder is trusted exactly as JAX's compilation cache folder is (both live under the
+user's own cache root; never point either at a folder others can write).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jaxlib
+
+_directory: Path | None = None
+
+#: Stored programs kept (least recently used ones are deleted): each is a few MB, and every
+#: change to jaxdream's source gives new keys.
+MAX_STORED = 128
+
+
+def set_directory(directory: str | os.PathLike[str] | None) -> None:
+    """Where executables are kept (None: nowhere, every program is traced and compiled)."""
+    global _directory
+    _directory = None if directory is None else Path(directory)
+
+
+@functools.cache
+def _source_digest() -> str:
+    """SHA-256 of every module of the package: a changed line anywhere gives new programs
+    (the version string alone would keep stale programs during development)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags: executables hold native code, and a cache
+    folder shared between machines (a network home) must not hand AVX-512 code to a CPU
+    without it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = [line for line in handle if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _describe(value: Any) -> str:
+    # Static function attributes print with their address; the name is what matters.
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
+
+
+def program_key(*parts: Any) -> str:
+    """A file name for the program selected by ``parts`` in this environment."""
+    device = jax.devices()[0]
+    # JAXDREAM_DEPTHWISE / JAXDREAM_MAXPOOL pick the form of a layer at trace time.
+    switches = sorted((k, v) for k, v in os.environ.items()
+                      if k.startswith("JAXDREAM_") and k != "JAXDREAM_CACHE")
+    identity = [_source_digest(), jax.__version__, jaxlib.__version__, device.platform,
+                getattr(device, "device_kind", ""), os.environ.get("XLA_FLAGS", ""),
+                repr(switches), _cpu_identity(),
+                # Options that change the traced program or its random bits.
+                *(str(getattr(jax.config, name)) for name in (
+                    "jax_default_matmul_precision", "jax_enable_x64",
+                    "jax_threefry_partitionable", "jax_default_prng_impl")),
+                *(_describe(part) for part in parts)]
+    return hashlib.sha256("\x00".join(identity).encode()).hexdigest()
+
+
+def load_or_compile(key: str, args: tuple[Any, ...],
+                    compile_fresh: Callable[[], tuple[Any, bool]]) -> tuple[Any, bool]:
+    """The executable for ``key`` from disk, or ``compile_fresh()``'s, stored for next time.
+
+    ``compile_fresh`` returns the executable and whether JAX loaded it from its compilation
+    cache. Returns (executable, loaded from this store). Any failure to read or write the
+    store falls back to compiling: the store only ever saves time.
+    """
+    from jax.experimental import serialize_executable
+
+    if _directory is None:
+        return compile_fresh()[0], False
+    path = _directory / f"{key}.xla"
+    in_tree = jax.tree.structure((args, {}))
+    out_tree = jax.tree.structure(args[1])  # the dream returns one array like its images
+    if path.is_file():
+        try:
+            program = serialize_executable.deserialize_and_load(path.read_bytes(), in_tree,
+                                                                out_tree)
+            os.utime(path)  # recently used: kept by the pruning below
+            return program, True
+        except Exception:  # a stale or damaged file: compile again and replace it
+            pass
+    compiled, from_xla_cache = compile_fresh()
+    if from_xla_cache:
+        # An executable that JAX loaded from its compilation cache serialises into a file
+        # that fails at run time ("function ... not found"): keep only fresh compiles.
+        return compiled, False
+    try:
+        payload, _, _ = serialize_executable.serialize(compiled)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            f.write(payload)
+        os.replace(f.name, path)  # atomic: concurrent workers never read half a file
+        _prune(path.parent)
+    except Exception:  # unsupported backend, read-only or full disk: just run uncached
+        pass
+    return compiled, False
+
+
+def _prune(directory: Path) -> None:
+    """Deletes all but the MAX_STORED most recently used programs."""
+    def used(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process
+            return 0.0
+
+    stored = sorted(directory.glob("*.xla"), key=used, reverse=True)
+    for path in stored[MAX_STORED:]:
+        path.unlink(missing_ok=True)
