@@ -11,7 +11,7 @@ import pytest
 
 from jaxdream import engine as engine_module
 from jaxdream import program_cache
-from jaxdream.dream import StaticSettings
+from jaxdream.ascent import StaticSettings
 from jaxdream.engine import Engine, ItemParams
 from jaxdream.models import LoadedModel
 

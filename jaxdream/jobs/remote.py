@@ -18,14 +18,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import ray
 from tqdm import tqdm
 
-from jaxdream.files import display
-from jaxdream.jobs.manifest import MANIFEST_NAME, item_key, make_row, unreadable_id
+from jaxdream.jobs.manifest import MANIFEST_NAME, item_key
 from jaxdream.jobs.parts import PartsWriter, read_remote_manifest, remote_finished
-from jaxdream.jobs.pool import connect
-from jaxdream.jobs.scheduler import WORKER_WAIT_S, JobSummary, Scheduler
+from jaxdream.jobs.run import schedule
+from jaxdream.jobs.scheduler import WORKER_WAIT_S, JobSummary
 from jaxdream.storage import check_writable, join, list_prefix, redact
 
 if TYPE_CHECKING:
@@ -60,25 +58,8 @@ def run_remote_job(config: JobConfig, *, address: str | None = None, resume: boo
         say(f"resuming: {summary.already_done} of {len(items)} item(s) already done")
 
     writer = PartsWriter(prefix, list(finished.values()))
-    failures = [make_row(None, outcome, unreadable_id(outcome.input), outdir)
-                for outcome in unreadable]
-    for row in failures:
-        say(f"error: {display(row['error'])}")
-    writer.append(failures)
-    summary.failed += len(failures)
-    if todo:
-        started = connect(address)
-        scheduler: Scheduler | None = None
-        try:
-            scheduler = Scheduler(config, todo, writer, summary,  # type: ignore[arg-type]
-                                  say=say, progress=progress, on_rows=on_rows,
-                                  worker_wait_s=worker_wait_s)
-            scheduler.run()
-        finally:
-            if scheduler is not None:
-                scheduler.stop()
-            if started:
-                ray.shutdown()
+    schedule(config, todo, unreadable, writer, summary, address=address, say=say,
+             progress=progress, on_rows=on_rows, worker_wait_s=worker_wait_s)
     writer.compact()
     summary.seconds = time.perf_counter() - start
     return summary

@@ -87,25 +87,9 @@ def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outco
 
     writer = ManifestWriter(summary.manifest, outdir)
     try:
-        failures = [make_row(None, outcome, unreadable_id(outcome.input), outdir)
-                    for outcome in unreadable]
-        for row in failures:
-            say(f"error: {display(row['error'])}")
-        writer.append(failures)
-        summary.failed += len(failures)
-        if todo:
-            started = connect(address)
-            scheduler: Scheduler | None = None
-            try:
-                scheduler = Scheduler(config, todo, writer, summary, say=say, progress=progress,
-                                      on_rows=on_rows, worker_wait_s=worker_wait_s)
-                scheduler.run()
-            finally:
-                if scheduler is not None:
-                    scheduler.stop()
-                if started:
-                    ray.shutdown()
-            clean_temporaries(item.output for item in todo)
+        schedule(config, todo, unreadable, writer, summary, address=address, say=say,
+                 progress=progress, on_rows=on_rows, worker_wait_s=worker_wait_s)
+        clean_temporaries(item.output for item in todo)
     finally:
         writer.close()
     try:  # each item's last row is what counts; keep one, so the manifest reads simply
@@ -116,6 +100,35 @@ def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outco
     summary.problems += _sheets_and_gallery(config, items, summary.manifest, say)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def schedule(config: JobConfig, todo: Sequence[WorkItem], unreadable: Sequence[Outcome],
+             writer: Any, summary: JobSummary, *, address: str | None,
+             say: Callable[[str], None], progress: bool,
+             on_rows: Callable[[list[dict[str, Any]]], None] | None,
+             worker_wait_s: float) -> None:
+    """Records the inputs that could not be read, then renders ``todo`` on Ray workers
+    (connecting, or starting a private Ray, only when there is work), rows into ``writer``."""
+    outdir = config.output
+    failures = [make_row(None, outcome, unreadable_id(outcome.input), outdir)
+                for outcome in unreadable]
+    for row in failures:
+        say(f"error: {display(row['error'])}")
+    writer.append(failures)
+    summary.failed += len(failures)
+    if not todo:
+        return
+    started = connect(address)
+    scheduler: Scheduler | None = None
+    try:
+        scheduler = Scheduler(config, list(todo), writer, summary, say=say, progress=progress,
+                              on_rows=on_rows, worker_wait_s=worker_wait_s)
+        scheduler.run()
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
+        if started:
+            ray.shutdown()
 
 
 def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: Path,
