@@ -29,12 +29,11 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
 from jaxdream.errors import ConfigError, ImageError
+from jaxdream.images import RECIPE_KEY as _RECIPE_KEY
 from jaxdream.objectives import Objective, Term
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
-#: Settings that are not part of a recipe's fields but are accepted by the API.
-_RECIPE_KEY = "jaxdream"
 
 
 class DreamImage(Image.Image):
@@ -136,8 +135,10 @@ def _prepare(image: ImageLike, max_side: int | None, max_pixels: int
     from jaxdream.images import load_rgb
 
     if isinstance(image, (str, os.PathLike)):
+        from jaxdream.files import open_regular_file
+
         pixels = load_rgb(image, max_side=max_side, max_pixels=max_pixels)
-        with open(image, "rb") as handle:
+        with open_regular_file(image) as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
         return pixels, {"name": Path(image).name, "sha256": digest}, "pil"
     if isinstance(image, Image.Image):
