@@ -461,8 +461,11 @@ def test_a_node_removed_mid_job_with_bucket_io_costs_a_retry_not_an_item(
 
     cluster, _ = s3_cluster
     _photos("node/in", 24, seed=3)
+    # Units of 2: every worker then holds a second unit while the first comes back, so the
+    # node pulled below always takes work with it (3 units of 8 could all be back already).
     config = load_config(write_config(tmp_path / "job.yaml", "s3://photos/node/in/",
-                                      "s3://photos/node/out"))  # type: ignore[arg-type]
+                                      "s3://photos/node/out",
+                                      job={"unit_size": 2}))  # type: ignore[arg-type]
     removed: list[str] = []
     workers = {node.node_id: node for node in cluster.worker_nodes}
 
