@@ -53,16 +53,22 @@ def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], bool]:
         return [], True
     except OSError as error:
         raise JobError(f"{path}: cannot read the manifest: {error.strerror or error}") from None
+    rows = parse_rows(data)
+    return rows, len(rows) == len(data.splitlines()) and (not data or data.endswith(b"\n"))
+
+
+def parse_rows(data: bytes) -> list[dict[str, Any]]:
+    """The rows of manifest text (a file or a part object): every line that is a JSON object
+    with an id; a torn or foreign line is skipped."""
     rows: list[dict[str, Any]] = []
-    lines = data.splitlines()
-    for line in lines:
+    for line in data.splitlines():
         try:
             row = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(row, dict) and isinstance(row.get("id"), str):
             rows.append(row)
-    return rows, len(rows) == len(lines) and (not data or data.endswith(b"\n"))
+    return rows
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:

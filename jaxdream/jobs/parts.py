@@ -12,30 +12,17 @@ rows of the compacted manifest, which readers deduplicate.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jaxdream.errors import JobError
-from jaxdream.jobs.manifest import MANIFEST_NAME, _dumps
+from jaxdream.jobs.manifest import MANIFEST_NAME, _dumps, parse_rows
 from jaxdream.storage import (StorageError, delete_objects, join, list_prefix, put_object,
                               read_object, redact)
 
 PARTS_FOLDER = "manifest.parts"
-
-
-def _rows(data: bytes) -> list[dict[str, Any]]:
-    rows = []
-    for line in data.splitlines():
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(row, dict) and isinstance(row.get("id"), str):
-            rows.append(row)
-    return rows
 
 
 def read_remote_manifest(prefix: str, listing: Mapping[str, Any] | None = None
@@ -49,7 +36,7 @@ def read_remote_manifest(prefix: str, listing: Mapping[str, Any] | None = None
     rows: list[dict[str, Any]] = []
     for name in ([MANIFEST_NAME] if MANIFEST_NAME in names else []) + parts:
         try:
-            rows += _rows(read_object(join(prefix, name), 1 << 34))
+            rows += parse_rows(read_object(join(prefix, name), 1 << 34))
         except Exception as error:  # noqa: BLE001 - one line, whatever the store says
             raise JobError(f"{redact(join(prefix, name))}: cannot read the manifest: "
                            f"{error}") from None
@@ -99,7 +86,7 @@ class PartsWriter:
         go (all of them: the kept rows already hold what earlier runs finished)."""
         rows = list(self.keep)
         for name in self.written:
-            rows += _rows(read_object(name, 1 << 34))
+            rows += parse_rows(read_object(name, 1 << 34))
         put_object(join(self.prefix, MANIFEST_NAME),
                    "".join(_dumps(row) for row in rows).encode("utf-8"))
         parts = [join(self.prefix, name) for name in list_prefix(self.prefix, recursive=True)
