@@ -205,16 +205,12 @@ class Dreamer:
                  weights: str | os.PathLike[str] | None = None, *, batch_size: int | None = None,
                  compute_dtype: str | None = None, max_pixels: int | None = None,
                  progress: bool = False, disk_cache: bool = True):
-        from jaxdream.engine import CompileStats, default_cache_dir, enable_compilation_cache
+        from jaxdream.engine import CompileStats, use_disk_cache
         from jaxdream.images import DEFAULT_MAX_PIXELS
         from jaxdream.models import load_model
 
-        if disk_cache:
-            # As the CLI does: programs compiled once on this machine load from disk after.
-            try:
-                enable_compilation_cache(default_cache_dir())
-            except OSError:
-                pass  # an unwritable cache folder costs compile time, not the dream
+        if disk_cache:  # as the CLI does: programs compiled once here load from disk after
+            use_disk_cache()
 
         self.model = load_model(model, None if weights is None else os.fspath(weights))
         self.batch_size = batch_size

@@ -139,16 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("names", nargs="+", metavar="NAME")
     fetch.add_argument("--force", action="store_true", help="download again even if cached")
     fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.command_parsers = commands.choices  # for parse_arguments
     return parser
 
 
 def _use_compilation_cache() -> None:
-    from jaxdream.engine import default_cache_dir, enable_compilation_cache
+    from jaxdream.engine import use_disk_cache
 
-    try:
-        enable_compilation_cache(default_cache_dir())
-    except OSError as error:  # a read-only home must not stop a dream, only slow it
-        print(f"warning: compilation cache disabled: {error}", file=sys.stderr)
+    use_disk_cache(lambda line: print(line, file=sys.stderr))
 
 
 def _summary(verb: str, outcomes: Sequence[Any], outdir: Any, seconds: float,
@@ -314,8 +312,29 @@ def _run_weights(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as a namespace. Inputs may come after options too
+    (``jaxdream dream a.jpg -o out --steps 5 b.jpg``), as in most tools: a command that takes
+    a list of inputs is parsed again with argparse's intermixed parsing when the plain parse
+    leaves words over (argparse refuses intermixed parsing of a parser with subcommands)."""
+    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(words)
+    if not extra:
+        return args
+    command = parser.command_parsers.get(args.command)
+    if command is None or args.command not in _INPUT_LISTS:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    rest = words[words.index(args.command) + 1:]
+    return command.parse_intermixed_args(rest, argparse.Namespace(command=args.command))
+
+
+#: Commands whose positional words are a list of inputs, which may mix with options.
+_INPUT_LISTS = ("dream", "classify", "animate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         if args.command == "dream":
             return _run_dream(args)

@@ -275,12 +275,9 @@ def _check_weights(sha: str | None, engines: Any, source: str) -> None:
 
 
 def _use_compilation_cache() -> None:
-    from jaxdream.engine import default_cache_dir, enable_compilation_cache
+    from jaxdream.engine import use_disk_cache
 
-    try:
-        enable_compilation_cache(default_cache_dir())
-    except OSError as error:
-        print(f"warning: compilation cache disabled: {error}", file=sys.stderr)
+    use_disk_cache(lambda line: print(line, file=sys.stderr))
 
 
 def _frames_list(folder: Path, count: int) -> Any:

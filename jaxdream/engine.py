@@ -16,7 +16,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,20 @@ def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     # Whole dream programs are kept as executables beside it: a warm run skips tracing too.
     program_cache.set_directory(Path(directory) / "jaxdream-programs")
+
+
+def use_disk_cache(warn: Callable[[str], None] | None = None) -> bool:
+    """Turns on the disk cache of compiled programs at :func:`default_cache_dir`; returns
+    whether it is on. Every entry point calls this one function (CLI, workers, the Python
+    API). A cache folder that cannot be made (a read-only home) costs compile time, never
+    the dream: ``warn`` hears why, if given, and the run goes on without the cache."""
+    try:
+        enable_compilation_cache(default_cache_dir())
+    except OSError as error:
+        if warn is not None:
+            warn(f"warning: compilation cache disabled: {error}")
+        return False
+    return True
 
 
 def default_cache_dir() -> Path:

@@ -358,3 +358,32 @@ def test_with_no_image_to_dream_no_progress_bar_is_drawn(
     assert main(["dream", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "dreaming" not in err and err.count("holds no image file") == 1, err
+
+
+def test_inputs_may_come_after_options_and_unknown_words_are_still_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from jaxdream.cli import parse_arguments
+
+    args = parse_arguments(["dream", "a.jpg", "-o", "out", "--steps", "5", "b.jpg", "c/"])
+    assert (args.command, args.inputs, args.output, args.steps) == \
+        ("dream", ["a.jpg", "b.jpg", "c/"], "out", 5)
+    args = parse_arguments(["classify", "a.jpg", "--top", "3", "b.jpg"])
+    assert (args.inputs, args.top) == (["a.jpg", "b.jpg"], 3)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["dream", "a.jpg", "-o", "out", "--stpes", "5"])
+    assert exit_info.value.code == 2 and "--stpes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without an input list takes no extra words
+        parse_arguments(["models", "vgg16", "extra"])
+    assert "extra" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jaxdream import engine
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("JAXDREAM_CACHE", str(blocker / "cache"))
+    heard: list[str] = []
+    assert engine.use_disk_cache(heard.append) is False
+    assert len(heard) == 1 and heard[0].startswith("warning: compilation cache disabled")

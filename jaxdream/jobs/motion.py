@@ -30,7 +30,7 @@ import ray.exceptions
 
 from jaxdream.errors import JobError
 from jaxdream.jobs.pool import Worker, WorkerPool, connect, plan_workers, reason, worker_env
-from jaxdream.jobs.scheduler import WORKER_WAIT_S, JobSummary
+from jaxdream.jobs.scheduler import WORKER_WAIT_S
 
 if TYPE_CHECKING:
     from jaxdream.config import JobSettings
@@ -59,13 +59,10 @@ class MotionWorker:
                  batch_size: int | None) -> None:
         if os.path.isdir(cwd):  # relative paths in a config mean the driver's folder
             os.chdir(cwd)
-        from jaxdream.engine import default_cache_dir, enable_compilation_cache
+        from jaxdream.engine import use_disk_cache
         from jaxdream.motion.common import Engines
 
-        try:
-            enable_compilation_cache(default_cache_dir())
-        except OSError:
-            pass  # a read-only home slows a worker down, it does not stop it
+        use_disk_cache()  # a read-only home slows a worker down, it does not stop it
         self.recipe = recipe
         self.engines = Engines.load(recipe, weights, batch_size)
         self.name = f"{socket.gethostname()}:{os.getpid()}"

@@ -123,13 +123,10 @@ class DreamWorker:
         # environment) the worker's own copy of the project is the right place.
         if os.path.isdir(cwd):
             os.chdir(cwd)
-        from jaxdream.engine import default_cache_dir, enable_compilation_cache
+        from jaxdream.engine import use_disk_cache
         from jaxdream.models import load_model
 
-        try:
-            enable_compilation_cache(default_cache_dir())
-        except OSError:
-            pass  # a read-only home slows a worker down, it does not stop it
+        use_disk_cache()  # a read-only home slows a worker down, it does not stop it
         import jax
 
         self.weights = weights
