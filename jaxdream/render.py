@@ -234,7 +234,7 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
 
     unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
     inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched,
-                           outdir=config.output)
+                           outdir=config.output, image_column=config.image_column)
     if config.recipe_weights_sha256 is not None:
         actual = weights_sha256(config.model, config.weights)
         if actual != config.recipe_weights_sha256:

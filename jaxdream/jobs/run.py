@@ -39,7 +39,8 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     the job. ``on_rows`` sees each batch of manifest rows once it is on disk.
 
     The output folder is locked for the whole job: a second job on it raises OutputBusy naming
-    this one. ``force`` allows the filesystem root or the home folder as the output.
+    this one. ``force`` allows the filesystem root or the home folder as the output; for an
+    object-store prefix it takes over the prefix's lock, whoever holds it.
     """
     from jaxdream.outdir import claim, refuse_dangerous
     from jaxdream.render import plan_items
@@ -48,7 +49,8 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
         from jaxdream.jobs.remote import run_remote_job
 
         return run_remote_job(config, address=address, resume=resume, progress=progress,
-                              say=say, on_rows=on_rows, worker_wait_s=worker_wait_s)
+                              say=say, on_rows=on_rows, worker_wait_s=worker_wait_s,
+                              force=force)
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     refuse_dangerous(config.output, force=force)
     if config.motion is not None:  # an animate: or video: job: clips, see .clips
