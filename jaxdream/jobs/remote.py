@@ -81,5 +81,9 @@ def _run_locked(config: JobConfig, *, address: str | None, resume: bool, progres
     schedule(config, todo, unreadable, writer, summary, address=address, say=say,
              progress=progress, on_rows=on_rows, worker_wait_s=worker_wait_s)
     writer.compact()
+    if config.output_shards:  # tar shards: shards/index.json, and no shard left unnamed
+        from jaxdream.jobs.tarout import finish_shards
+
+        finish_shards(prefix, read_remote_manifest(prefix))
     summary.seconds = time.perf_counter() - start
     return summary

@@ -99,7 +99,10 @@ def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outco
     except (OSError, JaxdreamError) as error:
         say(f"error: {summary.manifest}: cannot tidy the manifest: {display(str(error))}")
         summary.problems += 1
-    summary.problems += _sheets_and_gallery(config, items, summary.manifest, say)
+    if config.output_shards:  # tar shards: their index and a summary page, no thumbnails
+        summary.problems += _shard_index(config, summary.manifest, say)
+    else:
+        summary.problems += _sheets_and_gallery(config, items, summary.manifest, say)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -131,6 +134,21 @@ def schedule(config: JobConfig, todo: Sequence[WorkItem], unreadable: Sequence[O
             scheduler.stop()
         if started:
             ray.shutdown()
+
+
+def _shard_index(config: JobConfig, manifest: Path, say: Callable[[str], None]) -> int:
+    """``shards/index.json`` and ``index.html`` for tar-shard outputs (:mod:`.tarout`), from
+    the compacted manifest; returns how many ``error:`` lines a problem here cost."""
+    from jaxdream.jobs.tarout import finish_shards, write_summary
+
+    try:
+        rows = read_manifest(manifest)
+        counts = finish_shards(str(config.output), rows)
+        write_summary(config.output, f"jaxdream: {config.source}", rows, counts)
+    except (JaxdreamError, OSError) as error:
+        say(f"error: shard index not written: {display(str(error))}")
+        return 1
+    return 0
 
 
 def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: Path,
