@@ -203,17 +203,21 @@ def test_a_sharded_job_into_a_folder_resumes_and_reads_back_as_input(tmp_path: P
         assert "5 outputs in" in page and "broken.png" in page
         before = {name: (outdir / "shards" / name).read_bytes()
                   for name in os.listdir(outdir / "shards")}
-        # Leftovers of a killed driver: a shard no row names, a temporary of a torn write.
-        (outdir / "shards" / "0123abcd.tar").write_bytes(before[index["shardlist"][0]["url"]])
+        # Leftovers of a killed driver: a copy of a shard that no row names, a temporary of
+        # a torn write. A shard no row names holding anything else is not a copy: it stays.
+        (outdir / "shards" / ("0" * 32 + ".tar")).write_bytes(
+            before[index["shardlist"][0]["url"]])
         (outdir / "shards" / ".x.tar.1234.tmp").write_bytes(b"torn")
+        other = build_tar([("someone_else.png", b"png")])[0]
+        (outdir / "shards" / ("f" * 32 + ".tar")).write_bytes(other)
         again = run_cli([str(config), "-q", "--resume"], env, timeout=240)
     assert "resuming: 5 of 6 item(s) already done" in again.stderr, again.stderr
     assert {name: (outdir / "shards" / name).read_bytes()
-            for name in os.listdir(outdir / "shards")} == before  # the leftovers went
+            for name in os.listdir(outdir / "shards")} == {**before, "f" * 32 + ".tar": other}
     assert len(manifest_rows(outdir)) == 6
     # The output is a dataset: its shards are jaxdream inputs, one per dream.
     found = expand_inputs(sorted(str(outdir / "shards" / name) for name in before
-                                 if name.endswith(".tar")))
+                                 if name.endswith(".tar")))  # (before: ours only)
     assert sorted(entry.rsplit("#", 1)[1] for entry in found) == sorted(
         row["member"] for row in rows if row["status"] == "done")
 
@@ -240,8 +244,10 @@ def test_a_sharded_job_from_a_bucket_to_a_bucket(s3: dict[str, str], tmp_path: P
         assert keys == sorted(["tj/out/manifest.jsonl", "tj/out/shards/index.json",
                                *(f"tj/out/{name}" for name in shards)])  # no lock, no parts
         etags = {key: _client().head_object(Bucket=BUCKET, Key=key)["ETag"] for key in keys}
+        _put("tj/out/shards/" + "0" * 32 + ".tar", read(shards[0]))  # a killed run's copy
         again = run_cli([str(config), "-q", "--resume"], {**env, **s3}, timeout=300)
     assert again.returncode == 0 and "dreamed 0 of 5" in again.stderr, again.stderr
+    assert _keys("tj/out/") == keys  # the copy went, nothing else did
     assert {key: _client().head_object(Bucket=BUCKET, Key=key)["ETag"] for key in keys
             if "shards/" in key and key.endswith(".tar")} == {
         key: etag for key, etag in etags.items() if key.endswith(".tar")}

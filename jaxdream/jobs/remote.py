@@ -82,8 +82,13 @@ def _run_locked(config: JobConfig, *, address: str | None, resume: bool, progres
              progress=progress, on_rows=on_rows, worker_wait_s=worker_wait_s)
     writer.compact()
     if config.output_shards:  # tar shards: shards/index.json, and no shard left unnamed
+        from jaxdream.errors import JaxdreamError
         from jaxdream.jobs.tarout import finish_shards
 
-        finish_shards(prefix, read_remote_manifest(prefix))
+        try:
+            finish_shards(prefix, read_remote_manifest(prefix))
+        except JaxdreamError as error:  # the shards are safe and the manifest names them
+            say(f"error: shard index not written: {error}")
+            summary.problems += 1
     summary.seconds = time.perf_counter() - start
     return summary

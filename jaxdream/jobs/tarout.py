@@ -22,9 +22,10 @@ shards. The design, and why:
 * **The index**: each manifest row of a sharded item names its ``shard``, ``member`` and the
   PNG's ``offset`` and ``size`` in the tar (one ranged read gets one image). At the end of a run
   ``shards/index.json`` lists every shard and its sample count, in the layout of webdataset's
-  ``wids`` shard index, and shards that no row names are removed: a unit whose shard was
-  written but whose rows were lost with a killed driver is rendered again by ``--resume``
-  (into a new shard), and the old copy goes, so every item is in exactly one shard.
+  ``wids`` shard index. A unit whose shard was written but whose rows were lost with a killed
+  driver is rendered again by ``--resume``; if that gives other bytes (another shard), the
+  first copy, which no row names and whose every image is in a named shard, is removed at the
+  end, so every item is in exactly one shard.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import html
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +56,8 @@ INDEX_NAME = f"{SHARDS_FOLDER}/index.json"
 PAGE_SHARDS = 1000
 PAGE_FAILURES = 1000
 _BLOCK = 512
+#: The name of a shard this module wrote (a content hash); nothing else is ever removed.
+_OURS = re.compile(r"[0-9a-f]{32}\.tar")
 
 
 def sample_key(output_name: str) -> str:
@@ -155,24 +159,49 @@ def _existing_shards(base: str) -> list[str]:
         return []
 
 
+def _png_members(base: str, name: str) -> set[str] | None:
+    """The PNG members of the shard ``base/name`` (headers only), or None if unreadable."""
+    try:
+        if storage.is_url(base):
+            fs, path = storage.filesystem(storage.join(base, name))
+            handle = fs.open(path, "rb")
+        else:
+            handle = open(os.path.join(base, name), "rb")
+        with handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            return {info.name for info in tar if info.name.endswith(".png")}
+    except (OSError, tarfile.TarError, JaxdreamError):
+        return None
+
+
 def finish_shards(base: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """At the end of a run (under the output's lock, all workers stopped): writes
-    ``shards/index.json`` from the manifest's ``rows`` and removes the shards (and temporary
-    files) that no row names. Returns the sample count of each shard."""
-    counts: collections.Counter[str] = collections.Counter(
-        row["shard"] for row in _latest(rows)
-        if row.get("status") == "done" and isinstance(row.get("shard"), str))
+    ``shards/index.json`` from the manifest's ``rows`` and removes what a killed run left:
+    temporaries of torn writes, and shards that no row names whose every image is in a
+    shard that one does (a copy; a shard holding anything else is kept, whatever wrote it).
+    Returns the sample count of each shard."""
+    latest = [row for row in _latest(rows)
+              if row.get("status") == "done" and isinstance(row.get("shard"), str)]
+    counts = collections.Counter(str(row["shard"]) for row in latest)
+    named = {str(row.get("member")) for row in latest}
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "jaxdream outputs",
              "shardlist": [{"url": name.removeprefix(SHARDS_FOLDER + "/"), "nsamples": count}
                            for name, count in sorted(counts.items())]}
     write_whole(base, INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
-    unnamed = [name for name in _existing_shards(base)
-               if name != INDEX_NAME and name not in counts
-               and (name.endswith(".tar") or name.endswith(".tmp"))]
+    leftovers = []
+    for name in _existing_shards(base):
+        file = name.removeprefix(SHARDS_FOLDER + "/")
+        if name in counts:
+            continue
+        if file.startswith(".") and file.endswith(".tmp") and not storage.is_url(base):
+            leftovers.append(name)
+        elif _OURS.fullmatch(file):
+            members = _png_members(base, name)
+            if members is not None and members <= named:
+                leftovers.append(name)
     if storage.is_url(base):
-        storage.delete_objects([storage.join(base, name) for name in unnamed])
+        storage.delete_objects([storage.join(base, name) for name in leftovers])
     else:
-        for name in unnamed:
+        for name in leftovers:
             try:
                 os.unlink(os.path.join(base, name))
             except OSError:
