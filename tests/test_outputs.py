@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ray_cluster import (manifest_rows, private_ray_environment, run_cli,  # noqa: E402
                          write_config, write_images)
-from test_storage import (BUCKET, _client, _keys, _manifest, _png, _put,  # noqa: E402, F401
-                          _refused, s3)
+from test_storage import (BUCKET, _client, _keys, _manifest, _photos,  # noqa: E402, F401
+                          _png, _put, _refused, s3, s3_cluster)
 
 from jaxdream.errors import ConfigError  # noqa: E402
 from jaxdream.inputs import expand_inputs  # noqa: E402
@@ -253,6 +253,50 @@ def test_a_sharded_job_from_a_bucket_to_a_bucket(s3: dict[str, str], tmp_path: P
         key: etag for key, etag in etags.items() if key.endswith(".tar")}
     found = expand_inputs([f"s3://photos/tj/out/{name}" for name in shards])
     assert len(found) == 5
+
+
+def test_a_killed_driver_of_a_sharded_bucket_job_resumes_each_item_into_one_shard(
+        s3_cluster: tuple[Any, dict[str, str]], tmp_path: Path) -> None:
+    """On the 3-node cluster: the driver SIGKILLed mid-job leaves its lock and manifest parts;
+    --resume on this host takes the lock over (its holder is gone), renders the rest, and
+    leaves every item in exactly one shard, one row each, the lock and parts gone."""
+    import signal
+    import time
+
+    from ray_cluster import start_cli
+
+    cluster, env = s3_cluster
+    _photos("tk/in", 16, seed=7)
+    config = write_config(tmp_path / "job.yaml", "s3://photos/tk/in/", "s3://photos/tk/out",
+                          job={"unit_size": 2})  # type: ignore[arg-type]
+    config.write_text(config.read_text(encoding="utf-8") + "output_shards: 2\n",
+                      encoding="utf-8")
+    driver = start_cli([str(config), "--address", cluster.address, "-q"], env)
+    try:
+        deadline = time.monotonic() + 180
+        while len(_keys("tk/out/manifest.parts/")) < 2 and driver.poll() is None:
+            assert time.monotonic() < deadline, "the first driver recorded nothing in 180 s"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert f"tk/out/{LOCK_NAME}" in _keys("tk/out/"), "the killed driver's lock is gone"
+    assert "tk/out/manifest.jsonl" not in _keys("tk/out/"), "it finished before the kill"
+
+    resumed = run_cli([str(config), "--address", cluster.address, "--resume", "-q"], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "took over the lock" in resumed.stderr, resumed.stderr
+    rows = _manifest("tk/out/manifest.jsonl")
+
+    def read(name: str) -> bytes:
+        return _client().get_object(Bucket=BUCKET, Key=f"tk/out/{name}")["Body"].read()
+
+    _check_sharded(rows, read, done=16, per_shard=2)
+    assert len(rows) == 16
+    assert _keys("tk/out/") == sorted(["tk/out/manifest.jsonl", "tk/out/shards/index.json",
+                                       *(f"tk/out/{name}" for name in
+                                         {row["shard"] for row in rows})])
 
 
 # --------------------------------------------------------------------------------------------
