@@ -104,6 +104,37 @@ def test_a_unit_rendered_twice_writes_one_shard_name_with_the_same_bytes(tmp_pat
     assert len(names) == 6 and not any("broken" in name for name in names)  # png + json each
 
 
+def test_a_shard_that_cannot_be_written_fails_its_items_and_writes_nothing_partial(
+        tmp_path: Path) -> None:
+    from jaxdream.recipe import Recipe
+    from jaxdream.render import Outcome, WorkItem
+
+    items = [WorkItem(id=f"id{n}", input=f"in/{n}.jpg", output=tmp_path / f"{n}_dream.png",
+                      recipe=Recipe()) for n in range(3)]
+
+    def run(sink: Any) -> list[Any]:
+        outcomes = []
+        for item in items:
+            if item.id == "id1":
+                outcomes.append(Outcome(item.input, None, "failed", "in/1.jpg: bad", item.id))
+            else:
+                sink(item, b"png of " + item.id.encode())
+                outcomes.append(Outcome(item.input, item.output, "done", "", item.id))
+        return outcomes
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "shards").write_text("a file where the folder goes")
+    outcomes = render_unit(items, str(tmp_path / "base"), run)
+    assert [o.status for o in outcomes] == ["failed"] * 3
+    assert outcomes[1].reason == "in/1.jpg: bad"
+    for outcome in (outcomes[0], outcomes[2]):
+        assert outcome.reason.startswith(f"{outcome.input}: ") and outcome.output is None
+        assert "cannot write" in outcome.reason and outcome.shard is None
+    assert os.listdir(tmp_path / "base") == ["shards"]
+    good = render_unit(items, str(tmp_path / "good"), run)
+    assert [o.shard is not None for o in good] == [True, False, True]
+
+
 # --------------------------------------------------------------------------------------------
 # Tar shards: the config key
 
@@ -242,6 +273,7 @@ def test_a_sharded_job_from_a_bucket_to_a_bucket(s3: dict[str, str], tmp_path: P
         _check_sharded(rows, read, done=5, per_shard=3)
         shards = sorted({row["shard"] for row in rows})
         assert keys == sorted(["tj/out/manifest.jsonl", "tj/out/shards/index.json",
+                               "tj/out/index.html",
                                *(f"tj/out/{name}" for name in shards)])  # no lock, no parts
         etags = {key: _client().head_object(Bucket=BUCKET, Key=key)["ETag"] for key in keys}
         _put("tj/out/shards/" + "0" * 32 + ".tar", read(shards[0]))  # a killed run's copy
@@ -295,6 +327,7 @@ def test_a_killed_driver_of_a_sharded_bucket_job_resumes_each_item_into_one_shar
     _check_sharded(rows, read, done=16, per_shard=2)
     assert len(rows) == 16
     assert _keys("tk/out/") == sorted(["tk/out/manifest.jsonl", "tk/out/shards/index.json",
+                                       "tk/out/index.html",
                                        *(f"tk/out/{name}" for name in
                                          {row["shard"] for row in rows})])
 

@@ -83,10 +83,11 @@ def _run_locked(config: JobConfig, *, address: str | None, resume: bool, progres
     writer.compact()
     if config.output_shards:  # tar shards: shards/index.json, and no shard left unnamed
         from jaxdream.errors import JaxdreamError
-        from jaxdream.jobs.tarout import finish_shards
+        from jaxdream.jobs.tarout import finish_shards, write_summary
 
-        try:
-            finish_shards(prefix, read_remote_manifest(prefix))
+        try:  # and a summary page: a bucket of shards can be served as a static site
+            rows = read_remote_manifest(prefix)
+            write_summary(prefix, f"jaxdream: {config.source}", rows, finish_shards(prefix, rows))
         except JaxdreamError as error:  # the shards are safe and the manifest names them
             say(f"error: shard index not written: {error}")
             summary.problems += 1

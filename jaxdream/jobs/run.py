@@ -144,7 +144,7 @@ def _shard_index(config: JobConfig, manifest: Path, say: Callable[[str], None]) 
     try:
         rows = read_manifest(manifest)
         counts = finish_shards(str(config.output), rows)
-        write_summary(config.output, f"jaxdream: {config.source}", rows, counts)
+        write_summary(str(config.output), f"jaxdream: {config.source}", rows, counts)
     except (JaxdreamError, OSError) as error:
         say(f"error: shard index not written: {display(str(error))}")
         return 1

@@ -40,7 +40,6 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jaxdream import storage
@@ -209,10 +208,11 @@ def finish_shards(base: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, int
     return dict(counts)
 
 
-def write_summary(outdir: Path, title: str, rows: Sequence[Mapping[str, Any]],
-                  counts: Mapping[str, int]) -> Path:
-    """``OUTDIR/index.html`` for sharded outputs: counts, the shards with their sizes, and the
-    failures with their reasons (thumbnails would mean opening every shard)."""
+def write_summary(base: str, title: str, rows: Sequence[Mapping[str, Any]],
+                  counts: Mapping[str, int]) -> str:
+    """``index.html`` under ``base`` (a folder or a prefix) for sharded outputs: counts, the
+    shards with their sizes, and the failures with their reasons (thumbnails would mean
+    opening every shard). Returns where it is."""
     latest = _latest(rows)
     failed = [row for row in latest if row.get("status") == "failed"]
     shards = sorted(counts.items())
@@ -232,6 +232,6 @@ def write_summary(outdir: Path, title: str, rows: Sequence[Mapping[str, Any]],
         lines += [f"<li>{html.escape(str(row.get('input')))}: "
                   f"{html.escape(str(row.get('error')))}" for row in failed[:PAGE_FAILURES]]
         lines.append("</ul>")
-    path = outdir / "index.html"
-    atomic_write(path, lambda out: out.write(("\n".join(lines) + "\n").encode("utf-8")))
-    return path
+    write_whole(base, "index.html", ("\n".join(lines) + "\n").encode("utf-8"))
+    return storage.join(base, "index.html") if storage.is_url(base) else os.path.join(
+        base, "index.html")
