@@ -303,8 +303,12 @@ def _create_only(fs: Any, path: str, data: bytes, url: str, etag: str | None = N
             fs.pipe_file(path, data, mode="create")
         else:
             fs.pipe_file(path, data, IfMatch=etag)
-    except (FileExistsError, FileNotFoundError):
+    except FileExistsError:  # the store's refusal: the lock exists (or is no longer etag)
         return False
+    except FileNotFoundError:
+        if etag is not None:  # removed since it was read: start again
+            return False
+        raise OutputBusy(f"{redact(url)}: cannot write the lock: no such bucket") from None
     except Exception as error:  # noqa: BLE001 - any failure of the store is one line
         if "precondition" in str(error).lower():
             return False
