@@ -246,11 +246,24 @@ def test_a_sharded_job_into_a_folder_resumes_and_reads_back_as_input(tmp_path: P
     assert {name: (outdir / "shards" / name).read_bytes()
             for name in os.listdir(outdir / "shards")} == {**before, "f" * 32 + ".tar": other}
     assert len(manifest_rows(outdir)) == 6
-    # The output is a dataset: its shards are jaxdream inputs, one per dream.
-    found = expand_inputs(sorted(str(outdir / "shards" / name) for name in before
-                                 if name.endswith(".tar")))  # (before: ours only)
-    assert sorted(entry.rsplit("#", 1)[1] for entry in found) == sorted(
-        row["member"] for row in rows if row["status"] == "done")
+    # The output is a dataset: its shards are jaxdream inputs, one per dream, and the
+    # reference WebDataset reader sees one sample per dream: its PNG and its JSON.
+    tars = sorted(str(outdir / "shards" / name) for name in before if name.endswith(".tar"))
+    found = expand_inputs(tars)
+    done = {row["member"]: row for row in rows if row["status"] == "done"}
+    assert sorted(entry.rsplit("#", 1)[1] for entry in found) == sorted(done)
+    tariterators = pytest.importorskip("webdataset.tariterators")
+    samples = []
+    for tar in tars:  # its own parsing and grouping by key (wds.WebDataset leaves files open)
+        with open(tar, "rb") as stream:
+            files = ({**file, "__url__": tar} for file in tariterators.tar_file_iterator(stream))
+            samples += list(tariterators.group_by_keys(files))
+    assert sorted(sample["__key__"] + ".png" for sample in samples) == sorted(done)
+    for sample in samples:
+        row = done[sample["__key__"] + ".png"]
+        assert json.loads(sample["json"])["id"] == row["id"]
+        data = (outdir / row["shard"]).read_bytes()
+        assert sample["png"] == data[row["offset"]:row["offset"] + row["size"]]
 
 
 def test_a_sharded_job_from_a_bucket_to_a_bucket(s3: dict[str, str], tmp_path: Path) -> None:

@@ -211,18 +211,18 @@ def finish_shards(base: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, int
 def write_summary(base: str, title: str, rows: Sequence[Mapping[str, Any]],
                   counts: Mapping[str, int]) -> str:
     """``index.html`` under ``base`` (a folder or a prefix) for sharded outputs: counts, the
-    shards with their sizes, and the failures with their reasons (thumbnails would mean
-    opening every shard). Returns where it is."""
+    shards with their image counts, and the failures with their reasons (thumbnails would
+    mean opening every shard). Returns where it is."""
     latest = _latest(rows)
     failed = [row for row in latest if row.get("status") == "failed"]
     shards = sorted(counts.items())
     lines = [f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p>{sum(counts.values())} outputs in {len(shards)} WebDataset tar shard(s), "
-             f"{len(failed)} failed. <a href=manifest.jsonl>manifest.jsonl</a> names each "
-             f"item's shard, member and offset; <a href={INDEX_NAME}>{INDEX_NAME}</a> lists "
+             f'{len(failed)} failed. <a href="manifest.jsonl">manifest.jsonl</a> names each '
+             f'item\'s shard, member and offset; <a href="{INDEX_NAME}">{INDEX_NAME}</a> lists '
              f"the shards.</p>", "<table><tr><th>shard<th>images"]
-    lines += [f"<tr><td><a href={html.escape(name, quote=True)}>{html.escape(name)}</a>"
+    lines += [f'<tr><td><a href="{html.escape(name, quote=True)}">{html.escape(name)}</a>'
               f"<td>{count}" for name, count in shards[:PAGE_SHARDS]]
     lines.append("</table>")
     if len(shards) > PAGE_SHARDS:
