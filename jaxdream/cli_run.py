@@ -41,7 +41,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="skip items the manifest records as done whose output exists; "
                              "render the rest")
     parser.add_argument("--force", action="store_true",
-                        help="allow the filesystem root or the home folder itself as OUTDIR")
+                        help="allow the filesystem root or the home folder itself as OUTDIR; "
+                             "for a bucket prefix, take over its lock (.jaxdream.lock) from a "
+                             "driver that was killed on another host")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

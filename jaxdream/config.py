@@ -89,6 +89,12 @@ class JobConfig:
     #: The output as written when it is an object-store prefix (``s3://bucket/out``, no
     #: trailing slash); ``output`` then only names outputs relative to it. "" for a folder.
     output_url: str = ""
+    #: The column of Parquet inputs that holds image bytes or paths (``image_column``); None:
+    #: found by name (``image.bytes`` as Hugging Face datasets write it, ``path``, ...).
+    image_column: str | None = None
+    #: ``output_shards: N``: outputs are written as WebDataset tar shards of at most N images
+    #: each (:mod:`jaxdream.jobs.tarout`), one shard per unit of work; None: loose PNG files.
+    output_shards: int | None = None
 
 
 _RECIPE_TYPES = typing.get_type_hints(Recipe)
@@ -97,7 +103,9 @@ _JOB_MINIMUM = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch
                 "unit_size": 1, "retries": 0}
 _SECTIONS = ("dream", "grid", "job", "animate", "video")
 _VALUE_KEYS = ("inputs", "output", "model", "weights", "max_side", "max_pixels",
-               "max_file_bytes")
+               "max_file_bytes", "image_column", "output_shards")
+#: The most images one output shard may hold (a shard is built in a worker's memory).
+MAX_SHARD_IMAGES = 100_000
 TOP_KEYS = (*_VALUE_KEYS, *_SECTIONS)
 _FIELDS = tuple(field.name for field in dataclasses.fields(Recipe))
 DREAM_KEYS = tuple(name for name in _FIELDS if name not in ("model", "max_side"))
@@ -322,6 +330,31 @@ class _Reader:
                 raise self.fail(f"job.{key}", f"must be at least {_JOB_MINIMUM[key]}, got {value}")
         return JobSettings(**job)
 
+    def outputs(self, data: dict[Any, Any], job: JobSettings, motion: MotionJob | None
+                ) -> tuple[str | None, int | None, JobSettings]:
+        """``image_column``, ``output_shards``, and the job settings they imply (with shards,
+        one unit of work is one shard: ``unit_size`` is ``output_shards``)."""
+        column = data.get("image_column")
+        if column is not None:
+            column = self.typed(column, str, "image_column")
+            if not column.strip() or "\0" in column:
+                self.expected("image_column", "a column name", column)
+        shards = data.get("output_shards")
+        if shards is None:
+            return column, None, job
+        shards = self.typed(shards, int, "output_shards")
+        if not 1 <= shards <= MAX_SHARD_IMAGES:
+            raise self.fail("output_shards", f"must be 1 to {MAX_SHARD_IMAGES} images per "
+                                             f"shard, got {shards}")
+        if motion is not None:
+            raise self.fail("output_shards", "applies to still images; an animate: or video: "
+                                             "job writes clips")
+        given = (data.get("job") or {}).get("unit_size")
+        if given is not None and given != shards:
+            raise self.fail("job.unit_size", f"is {given} but output_shards is {shards}; each "
+                                             f"unit of work is one shard: give one of them")
+        return column, shards, dataclasses.replace(job, unit_size=shards)
+
     def build(self, data: dict[Any, Any], recipe: Mapping[str, Any] | None = None) -> JobConfig:
         """The checked config; ``recipe`` (a recipe PNG's JSON) sits under its settings."""
         self.section(data, "", TOP_KEYS)
@@ -358,14 +391,17 @@ class _Reader:
         variants = tuple(self.variant({**from_recipe, **values}, origin, axes, indices, spec)
                          for indices in itertools.product(*(range(len(v)) for _, v in axes)))
         sha = recipe.get("weights_sha256") if recipe is not None else None
+        motion = read_motion(self, data, where, variants)
+        column, shards, job = self.outputs(data, self.job(data), motion)
         return JobConfig(source=self.source, inputs=inputs, output=Path(output), model=model,
                          weights=weights, variants=variants, grid=tuple(axes),
-                         job=self.job(data), max_pixels=max_pixels,
+                         job=job, max_pixels=max_pixels,
                          max_file_bytes=max_file_bytes,
                          recipe_weights_sha256=sha if isinstance(sha, str)
                          and model == recipe_model else None,
-                         recipe=self.recipe_path, motion=read_motion(self, data, where, variants),
-                         output_url=output.rstrip("/") if is_url(output) else "")
+                         recipe=self.recipe_path, motion=motion,
+                         output_url=output.rstrip("/") if is_url(output) else "",
+                         image_column=column, output_shards=shards)
 
 
 def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None, *,

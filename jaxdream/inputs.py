@@ -51,7 +51,8 @@ def _without_outputs(found: list[str], outdir: Path | None) -> list[str]:
     return leave_out_outputs(found, outdir)
 
 
-def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None) -> list[str]:
+def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None,
+                  column: str | None = None) -> list[str]:
     if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ConfigError(f"{where}: expected a path, got {entry!r:.60}")
     # Strict (a config file): the key path and the entry; lenient (an INPUT): the entry alone.
@@ -59,11 +60,12 @@ def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None) ->
     if "{" in entry and not os.path.lexists(entry):
         names = expand_braces(entry)  # shards/train-{000000..000999}.tar
         if len(names) > 1:
-            return [path for one in names for path in _expand_entry(one, where, lenient, outdir)]
+            return [path for one in names
+                    for path in _expand_entry(one, where, lenient, outdir, column)]
     if is_shard(entry) and (is_url(entry) or os.path.isfile(entry)):
         return shard_members(entry, name, IMAGE_EXTENSIONS)
     if is_table(entry) and (is_url(entry) or os.path.isfile(entry)):
-        return table_inputs(entry, name)  # image rows, or a list of paths and URLs
+        return table_inputs(entry, name, column)  # image rows, or a list of paths and URLs
     if is_url(entry):
         return expand_url(entry, name, IMAGE_EXTENSIONS)
     path = Path(entry)
@@ -95,7 +97,7 @@ def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None) ->
 
 def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
                   failures: list[tuple[str, str]] | None = None,
-                  outdir: Path | None = None) -> list[str]:
+                  outdir: Path | None = None, image_column: str | None = None) -> list[str]:
     """The image paths that config input entries name, deduplicated in first-seen order.
 
     An entry is a file; a folder (its image files by extension, sorted, not recursive); a glob
@@ -110,13 +112,14 @@ def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
     renderer reports a missing or bad image on its own, as it goes. With ``outdir``, folders
     and globs leave out that job's own outputs (see :func:`jaxdream.outdir.leave_out_outputs`),
     so a job whose input folder is its output folder never dreams its earlier dreams; a file
-    named on its own is always kept.
+    named on its own is always kept. ``image_column`` names the column of Parquet files to
+    read (see :func:`jaxdream.tables.table_inputs`).
     """
     found: dict[str, str] = {}  # normalised path -> first spelling seen (dicts keep order)
     for index, entry in enumerate(entries):
         try:
             paths = _expand_entry(entry, f"{source}[{index}]", lenient=failures is not None,
-                                  outdir=outdir)
+                                  outdir=outdir, column=image_column)
         except ConfigError as error:
             if failures is None:
                 raise

@@ -29,6 +29,7 @@ import datetime
 import errno
 import json
 import os
+import secrets
 import socket
 import stat
 from collections.abc import Iterator
@@ -37,8 +38,8 @@ from typing import Any
 
 from jaxdream.errors import JaxdreamError
 
-__all__ = ["LOCK_NAME", "OutputBusy", "OutputLock", "acquire", "claim", "leave_out_outputs",
-           "output_lock", "refuse_dangerous"]
+__all__ = ["LOCK_NAME", "OutputBusy", "OutputLock", "PrefixLock", "acquire", "acquire_prefix",
+           "claim", "describe_holder", "leave_out_outputs", "output_lock", "refuse_dangerous"]
 
 LOCK_NAME = ".jaxdream.lock"
 # flock is missing or refused on these (network/FUSE file systems): use O_EXCL instead.
@@ -96,6 +97,11 @@ def _text(value: object, limit: int = 60) -> str:
     """A field of a lock file (written by anyone) made safe for one line of a message."""
     text = "".join(ch if ch.isprintable() else "?" for ch in str(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_holder(info: dict[str, Any] | None) -> str:
+    """Who holds (or held) a lock, from its recorded info, as one safe line."""
+    return _describe(info)
 
 
 def _describe(info: dict[str, Any] | None) -> str:
@@ -233,6 +239,113 @@ def output_lock(folder: Path, command: str) -> Iterator[OutputLock]:
         yield lock
     finally:
         lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Locking an object-store prefix
+#
+# A bucket has no flock and no O_EXCL, but it has a create-only PUT: S3's ``If-None-Match: *``
+# and GCS's ``ifGenerationMatch=0`` (fsspec's ``pipe_file(..., mode="create")`` for both), which
+# the store refuses when the object exists. ``PREFIX/.jaxdream.lock`` is created that way, with
+# the holder's command, pid, host, start time and a random token, and removed at the end (only
+# while it still holds that token). Nothing releases it when a driver is killed, so, as the
+# O_EXCL protocol above: a lock whose holder pid no longer runs on this host is taken over; one
+# held from another host is never broken unless forced (``jaxdream run --force``), and the
+# refusal names the lock object to delete. A take-over overwrites the lock only if it is still
+# the one judged stale (S3 ``If-Match`` on its ETag), so two drivers never both take it over.
+
+
+class PrefixLock:
+    """A held lock on an object-store prefix; :meth:`release` gives it back."""
+
+    def __init__(self, url: str, token: str, previous: dict[str, Any] | None) -> None:
+        self.url = url
+        self.token = token
+        #: The holder recorded in a lock that was taken over (a killed job), else None.
+        self.previous = previous
+
+    def __enter__(self) -> PrefixLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Removes the lock object if it is still this one (a forced take-over is not undone)."""
+        if not self.token:
+            return
+        from jaxdream import storage
+
+        try:
+            holder = _parse(storage.read_object(self.url, _MAX_LOCK_BYTES))
+            if holder is not None and holder.get("token") == self.token:
+                storage.delete_objects([self.url])
+        except JaxdreamError:
+            pass  # gone already, or unreadable: the next job says so and how to clear it
+        self.token = ""
+
+
+def _busy_prefix(prefix: str, info: dict[str, Any] | None, url: str) -> OutputBusy:
+    from jaxdream.storage import redact
+
+    return OutputBusy(f"{redact(prefix)}: in use by {_describe(info)}; wait for it to finish or "
+                      f"choose another output prefix (if no such job runs, delete "
+                      f"{redact(url)} or rerun with --force)")
+
+
+def _create_only(fs: Any, path: str, data: bytes, url: str, etag: str | None = None) -> bool:
+    """Writes the lock object only if it does not exist (``etag`` None) or is still the object
+    with ``etag``; False when the store refused because another writer came first."""
+    from jaxdream.storage import reason, redact
+
+    try:
+        if etag is None:
+            fs.pipe_file(path, data, mode="create")
+        else:
+            fs.pipe_file(path, data, IfMatch=etag)
+    except FileExistsError:  # the store's refusal: the lock exists (or is no longer etag)
+        return False
+    except FileNotFoundError:
+        if etag is not None:  # removed since it was read: start again
+            return False
+        raise OutputBusy(f"{redact(url)}: cannot write the lock: no such bucket") from None
+    except Exception as error:  # noqa: BLE001 - any failure of the store is one line
+        if "precondition" in str(error).lower():
+            return False
+        raise OutputBusy(f"{redact(url)}: cannot write the lock: {reason(error)}") from None
+    return True
+
+
+def acquire_prefix(prefix: str, command: str, *, force: bool = False) -> PrefixLock:
+    """Takes the lock of the object-store ``prefix`` for ``command``, or raises OutputBusy
+    naming its holder and the lock object. ``force`` takes over a lock held from anywhere."""
+    from jaxdream import storage
+
+    url = storage.join(prefix, LOCK_NAME)
+    info = {**_holder_info(command), "token": secrets.token_hex(12)}
+    data = json.dumps(info).encode("utf-8") + b"\n"
+    fs, path = storage.filesystem(url)
+    previous = None
+    for _ in range(5):
+        if _create_only(fs, path, data, url):
+            return PrefixLock(url, info["token"], previous)
+        try:
+            fs.invalidate_cache(path)
+            etag = str(fs.info(path).get("ETag") or "") or None
+            holder = _parse(storage.read_object(url, _MAX_LOCK_BYTES))
+        except (OSError, JaxdreamError):
+            continue  # released meanwhile: try again
+        stale = (holder is not None and holder.get("host") == info["host"]
+                 and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]))
+        if not (stale or force):
+            raise _busy_prefix(prefix, holder, url)
+        previous = holder or {}
+        if etag is not None and url.startswith("s3://"):
+            if _create_only(fs, path, data, url, etag):
+                return PrefixLock(url, info["token"], previous)
+        else:  # no conditional overwrite here: remove it, then create it as anyone would
+            storage.delete_objects([url])
+    raise OutputBusy(f"{storage.redact(url)}: the lock keeps changing hands; try again")
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,6 +81,9 @@ class Outcome:
     seconds: float = 0.0
     #: SHA-256 of the input's bytes as the worker read them ("" when it read none).
     input_sha256: str = ""
+    #: Where a done output sits in a tar shard (``shard``, ``member``, ``offset``, ``size``;
+    #: see :mod:`jaxdream.jobs.tarout`); None for a loose file or object.
+    shard: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -234,7 +237,7 @@ def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
 
     unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
     inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched,
-                           outdir=config.output)
+                           outdir=config.output, image_column=config.image_column)
     if config.recipe_weights_sha256 is not None:
         actual = weights_sha256(config.model, config.weights)
         if actual != config.recipe_weights_sha256:
@@ -306,12 +309,14 @@ def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
 def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                  batch_size: int | None = None, overwrite: bool = False, progress: bool = False,
                  on_outcome: Callable[[Outcome], None] | None = None,
-                 report: Callable[[str], None] | None = None) -> Report:
+                 report: Callable[[str], None] | None = None,
+                 sink: Callable[[WorkItem, bytes], None] | None = None) -> Report:
     """Renders every item and writes its PNG; returns one outcome per item, in item order.
 
     Per-item problems (an unreadable or undecodable image, a failed write) become failed
     outcomes with a one-line reason and never stop the others. An existing output is skipped
-    unless ``overwrite``. ``on_outcome`` is called as each item finishes.
+    unless ``overwrite``. ``on_outcome`` is called as each item finishes. With ``sink``, each
+    PNG is handed to it instead of being written (a tar shard collects them).
     """
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     outcomes: list[Outcome | None] = [None] * len(items)
@@ -369,7 +374,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                     index = loaded[slot]
                     item = items[index]
                     seconds = time.perf_counter() - batch_start
-                    finish(index, _write(item, result, model, seconds, digests[slot]))
+                    finish(index, _write(item, result, model, seconds, digests[slot], sink))
                     batch_start = time.perf_counter()
                     bar.update(1)
             stats.add(engine.stats)
@@ -380,7 +385,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
 
 
 def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float,
-           digest: str = "") -> Outcome:
+           digest: str = "", sink: Callable[[WorkItem, bytes], None] | None = None) -> Outcome:
     digest = digest or item.input_sha256
     extra: dict[str, Any] = {
         "input": {"name": Path(storage.redact(item.input) if item.input_identity
@@ -391,7 +396,9 @@ def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float,
         extra["grid"] = dict(item.point)
     recipe = item.recipe.to_json(weights_sha256=model.weights_sha256, extra=extra)
     try:
-        if item.dest:  # one whole-object PUT: the object exists complete, or not at all
+        if sink is not None:  # into a tar shard (jaxdream.jobs.tarout), written whole later
+            sink(item, png_bytes(to_uint8(result), recipe))
+        elif item.dest:  # one whole-object PUT: the object exists complete, or not at all
             storage.put_object(item.dest, png_bytes(to_uint8(result), recipe))
         else:
             item.output.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +423,11 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
 
         raise ConfigError(f"{config.source}: output {storage.redact(config.output_url)} is an "
                           f"object-store prefix; write there with `jaxdream run`")
+    if config.output_shards:
+        from jaxdream.errors import ConfigError
+
+        raise ConfigError(f"{config.source}: output_shards: tar-shard outputs are written by "
+                          f"`jaxdream run`")
     output_folder(config.output)
     items, failures = plan_items(config)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))

@@ -1,6 +1,7 @@
 """Parquet files as inputs, local or in a bucket: a column of image bytes (``image.bytes`` as
 Hugging Face datasets write it, a binary column named ``image``/``img``/``bytes``), or a list of
-paths and URLs (a text column named ``path``, ``url``, ``image`` or ``file``).
+paths and URLs (a text column named ``path``, ``url``, ``image`` or ``file``); a config's
+``image_column`` names the column instead (bytes, a struct with ``bytes``, or text).
 
 Each row of an image column is one input named ``<file>#<row>.row`` and identified by the
 file's identity (ETag and size, or size and modification time), the column and the row; only
@@ -55,6 +56,29 @@ def _image_column(schema: Any, wanted: str | None) -> tuple[str, str | None] | N
     return None
 
 
+def _path_column(schema: Any, wanted: str | None, name: str, where: str) -> str:
+    """The column of paths and URLs to read (``wanted``, else the first of the usual names);
+    a ConfigError naming the file and the column when there is none."""
+    import pyarrow as pa
+
+    columns = ", ".join(schema.names)[:200]
+    if wanted is None:
+        texts = [key for key in _PATH_COLUMNS if key in schema.names]
+        if not texts:
+            raise ConfigError(f"{name}: {storage.redact(where)} has no image or path column "
+                              f"(columns: {columns}); name one with image_column")
+        return texts[0]
+    if wanted not in schema.names:
+        raise ConfigError(f"{name}: {storage.redact(where)} has no column {wanted!r} "
+                          f"(image_column; columns: {columns})")
+    kind = schema.field(wanted).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ConfigError(f"{name}: {storage.redact(where)}: column {wanted!r} (image_column) "
+                          f"holds {kind}, not image bytes (binary, or a struct with a 'bytes' "
+                          f"field) nor paths (text)")
+    return wanted
+
+
 def _identity(where: str) -> dict[str, Any]:
     if storage.is_url(where):
         return json.loads(storage.identity(where))
@@ -64,18 +88,16 @@ def _identity(where: str) -> dict[str, Any]:
 
 def table_inputs(where: str, name: str, column: str | None = None) -> list[str]:
     """The inputs a Parquet file holds: one per row of its image column (identities recorded
-    for planning), or the paths and URLs of its path column. One ConfigError line if not."""
+    for planning), or the paths and URLs of its path column. ``column`` (the config's
+    ``image_column``) names the column instead of the usual names; missing, or holding
+    neither bytes nor text, it is one ConfigError line naming the file and the column."""
     try:
         table = _parquet(where)
         schema = table.schema_arrow
         image = _image_column(schema, column)
         if image is None:
-            texts = [key for key in _PATH_COLUMNS if key in schema.names]
-            if column or not texts:
-                wanted = f"column {column!r}" if column else "an image or path column"
-                raise ConfigError(f"{name}: {storage.redact(where)} has no {wanted} "
-                                  f"(columns: {', '.join(schema.names)[:200]})")
-            paths = table.read(columns=[texts[0]]).column(0).to_pylist()
+            paths_from = _path_column(schema, column, name, where)
+            paths = table.read(columns=[paths_from]).column(0).to_pylist()
             return [storage.relative_to(where, str(p)) for p in paths if p]
         base = _identity(where)
         found = []

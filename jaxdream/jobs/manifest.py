@@ -7,7 +7,9 @@ Rows (JSON objects, one per line)::
 
 ``output`` is relative to the manifest's folder (null for a failed item), ``status`` is
 ``done`` or ``failed``, ``error`` the one-line reason of a failure, ``params`` the item's full
-recipe and ``point`` its grid point, ``seconds`` the item's render time in the worker. An item
+recipe and ``point`` its grid point, ``seconds`` the item's render time in the worker; an output
+written into a tar shard (``output_shards``) adds ``shard``, ``member``, ``offset`` and ``size``
+(where its PNG lies in the shard), and ``output`` is then the name it would have had. An item
 is identified by its id *and* output (two copies of one photo share an id, not an output).
 Rows are only ever appended; when an item appears more than once its last row wins. The
 driver holds the output folder's lock (:mod:`jaxdream.outdir`) for the whole job, so a second
@@ -71,6 +73,15 @@ def parse_rows(data: bytes) -> list[dict[str, Any]]:
     return rows
 
 
+def stored_as(row: Mapping[str, Any]) -> str | None:
+    """The file (or object) a row's output lives in, relative to the output: its tar shard
+    for a sharded output (:mod:`.tarout`), else the output itself."""
+    shard = row.get("shard")
+    if isinstance(shard, str):
+        return shard
+    return row["output"] if isinstance(row.get("output"), str) else None
+
+
 def _row_key(row: Mapping[str, Any]) -> tuple[str, str]:
     """One item per (id, input): a retry or a later run of the item supersedes its row."""
     return row["id"], str(row.get("input"))
@@ -84,7 +95,7 @@ def compact_rows(rows: Sequence[Mapping[str, Any]], outdir: Path) -> list[Mappin
     return [row for index, row in enumerate(rows)
             if last[_row_key(row)] == index
             and not (row.get("status") == "done" and not (
-                isinstance(row.get("output"), str) and (outdir / row["output"]).is_file()))]
+                stored_as(row) is not None and (outdir / str(stored_as(row))).is_file()))]
 
 
 def item_key(item: WorkItem, outdir: Path) -> tuple[str, str]:
@@ -105,7 +116,7 @@ def finished_rows(rows: Iterable[Mapping[str, Any]], outdir: Path
         if isinstance(row.get("output"), str):
             latest[(row["id"], row["output"])] = row
     return {key: row for key, row in latest.items()
-            if row.get("status") == "done" and (outdir / key[1]).is_file()}
+            if row.get("status") == "done" and (outdir / str(stored_as(row))).is_file()}
 
 
 class ManifestWriter:
@@ -216,4 +227,5 @@ def make_row(item: WorkItem | None, outcome: Outcome, id_: str, outdir: Path, *,
         # What the worker read (an object's bytes are hashed only there); "" if it read none.
         "input_sha256": outcome.input_sha256 or (item.input_sha256 if item else ""),
         "finished": _now(),
+        **(outcome.shard or {}),  # shard, member, offset, size of an output in a tar shard
     }

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jaxdream.errors import JobError
-from jaxdream.jobs.manifest import MANIFEST_NAME, _dumps, parse_rows
+from jaxdream.jobs.manifest import MANIFEST_NAME, _dumps, parse_rows, stored_as
 from jaxdream.storage import (StorageError, delete_objects, join, list_prefix, put_object,
                               read_object, redact)
 
@@ -52,7 +52,7 @@ def remote_finished(rows: Iterable[Mapping[str, Any]], names: Mapping[str, Any]
         if isinstance(row.get("output"), str):
             latest[(row["id"], row["output"])] = row
     return {key: row for key, row in latest.items()
-            if row.get("status") == "done" and key[1] in names}
+            if row.get("status") == "done" and stored_as(row) in names}
 
 
 class PartsWriter:

@@ -117,7 +117,7 @@ class DreamWorker:
     """
 
     def __init__(self, cwd: str, model: str, weights: str | None,
-                 batch_size: int | None) -> None:
+                 batch_size: int | None, shards: str = "") -> None:
         # Relative paths in a config mean the driver's working directory. On a cluster whose
         # nodes share that folder it exists here too; otherwise (a working_dir runtime
         # environment) the worker's own copy of the project is the right place.
@@ -131,6 +131,8 @@ class DreamWorker:
 
         self.weights = weights
         self.batch_size = batch_size
+        #: The output folder or prefix when outputs are tar shards (one per unit), else "".
+        self.shards = shards
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.node = ray.get_runtime_context().get_node_id()
         self.platform = jax.default_backend()
@@ -145,12 +147,25 @@ class DreamWorker:
         from jaxdream.render import render_items
 
         start = time.perf_counter()
-        # Every item sent here is to be (re)rendered: the driver already skipped the finished
-        # ones, and an existing output is the harmless leftover of an earlier attempt.
-        report = render_items(items, weights=self.weights, batch_size=self.batch_size,
-                              overwrite=True, progress=False, report=lambda line: None)
-        return UnitResult(report.outcomes, self.name, self.node, time.perf_counter() - start,
-                          report.compile_stats.programs, report.compile_stats.seconds)
+        reports = []
+
+        def run(sink: Any = None) -> list[Outcome]:
+            # Every item sent here is to be (re)rendered: the driver already skipped the
+            # finished ones, and an existing output is the leftover of an earlier attempt.
+            reports.append(render_items(items, weights=self.weights, batch_size=self.batch_size,
+                                        overwrite=True, progress=False,
+                                        report=lambda line: None, sink=sink))
+            return reports[-1].outcomes
+
+        if self.shards:  # the unit's PNGs go into one tar shard, written whole
+            from jaxdream.jobs.tarout import render_unit
+
+            outcomes = render_unit(items, self.shards, run)
+        else:
+            outcomes = run()
+        stats = reports[-1].compile_stats
+        return UnitResult(outcomes, self.name, self.node, time.perf_counter() - start,
+                          stats.programs, stats.seconds)
 
 
 def connect(address: str | None) -> bool:
@@ -230,9 +245,10 @@ class WorkerPool:
             # Across nodes where possible: one node's loss then takes few workers with it.
             scheduling_strategy="SPREAD",
             runtime_env={"env_vars": worker_env(plan.platform)})
+        shards = (config.output_url or str(config.output)) if config.output_shards else ""
         for _ in range(plan.count):
             worker = Worker(actor.remote(os.getcwd(), config.model, weights,
-                                         config.job.batch_size))
+                                         config.job.batch_size, shards))
             self.workers.append(worker)
             self.probe(worker)
 

@@ -39,7 +39,8 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     the job. ``on_rows`` sees each batch of manifest rows once it is on disk.
 
     The output folder is locked for the whole job: a second job on it raises OutputBusy naming
-    this one. ``force`` allows the filesystem root or the home folder as the output.
+    this one. ``force`` allows the filesystem root or the home folder as the output; for an
+    object-store prefix it takes over the prefix's lock, whoever holds it.
     """
     from jaxdream.outdir import claim, refuse_dangerous
     from jaxdream.render import plan_items
@@ -48,7 +49,8 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
         from jaxdream.jobs.remote import run_remote_job
 
         return run_remote_job(config, address=address, resume=resume, progress=progress,
-                              say=say, on_rows=on_rows, worker_wait_s=worker_wait_s)
+                              say=say, on_rows=on_rows, worker_wait_s=worker_wait_s,
+                              force=force)
     say = say or (lambda line: tqdm.write(line, file=sys.stderr))
     refuse_dangerous(config.output, force=force)
     if config.motion is not None:  # an animate: or video: job: clips, see .clips
@@ -97,7 +99,10 @@ def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outco
     except (OSError, JaxdreamError) as error:
         say(f"error: {summary.manifest}: cannot tidy the manifest: {display(str(error))}")
         summary.problems += 1
-    summary.problems += _sheets_and_gallery(config, items, summary.manifest, say)
+    if config.output_shards:  # tar shards: their index and a summary page, no thumbnails
+        summary.problems += _shard_index(config, summary.manifest, say)
+    else:
+        summary.problems += _sheets_and_gallery(config, items, summary.manifest, say)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -129,6 +134,21 @@ def schedule(config: JobConfig, todo: Sequence[WorkItem], unreadable: Sequence[O
             scheduler.stop()
         if started:
             ray.shutdown()
+
+
+def _shard_index(config: JobConfig, manifest: Path, say: Callable[[str], None]) -> int:
+    """``shards/index.json`` and ``index.html`` for tar-shard outputs (:mod:`.tarout`), from
+    the compacted manifest; returns how many ``error:`` lines a problem here cost."""
+    from jaxdream.jobs.tarout import finish_shards, write_summary
+
+    try:
+        rows = read_manifest(manifest)
+        counts = finish_shards(str(config.output), rows)
+        write_summary(str(config.output), f"jaxdream: {config.source}", rows, counts)
+    except (JaxdreamError, OSError) as error:
+        say(f"error: shard index not written: {display(str(error))}")
+        return 1
+    return 0
 
 
 def _sheets_and_gallery(config: JobConfig, items: Sequence[WorkItem], manifest: Path,

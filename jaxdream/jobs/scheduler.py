@@ -270,8 +270,9 @@ class Scheduler:
                 continue  # a duplicate completion (a retried unit that had in fact finished)
             self.recorded.add(key)
             # An uploaded object exists once the worker's PUT returned (item.dest).
-            if outcome.status == "done" and not item.dest and not item.output.is_file():
-                outcome = _failed(item, f"{item.output}: the worker wrote it but the driver "
+            stored = self.outdir / outcome.shard["shard"] if outcome.shard else item.output
+            if outcome.status == "done" and not item.dest and not stored.is_file():
+                outcome = _failed(item, f"{stored}: the worker wrote it but the driver "
                                         f"cannot see it; the output folder must be on a "
                                         f"filesystem every node shares")
             elif outcome.status == "skipped":  # cannot happen with overwrite; be explicit
