@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -73,6 +74,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     """fsspec's filesystem for ``url`` and the path within it."""
     import fsspec
 
+    _quiet_store_logs()
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as error:
@@ -83,6 +85,16 @@ def filesystem(url: str) -> tuple[Any, str]:
                            f"({hint}): {error}") from None
     except ValueError as error:
         raise StorageError(f"{redact(url)}: cannot be opened: {error}") from None
+
+
+def _quiet_store_logs() -> None:
+    """gcsfs (2026) logs a warning on every call it cannot learn a bucket's layout for (no
+    layout permission, no such bucket, an emulator), one stderr line each through Python's
+    last-resort handler; jaxdream reports store errors itself, in one line. A level the user
+    set is kept."""
+    logger = logging.getLogger("gcsfs")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
 
 
 def reason(error: BaseException, url: str | None = None) -> str:

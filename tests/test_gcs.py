@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -223,6 +224,46 @@ def test_a_missing_bucket_exits_2_before_rendering(gcs: dict[str, str],
     line = _refused(tmp_path, "gs://absent-store/in/", f"gs://{BUCKET}/pre/out", gcs)
     assert "inputs[0]" in line and "bucket does not exist" in line
     assert _keys("pre/") == ["pre/in/a.png"]
+
+
+def test_gcsfs_default_filesystem_and_no_credentials_still_give_one_line(
+        gcs: dict[str, str], tmp_path: Path) -> None:
+    """gcsfs's default filesystem with no credentials anywhere (no token, no ADC file, no
+    metadata server) warns on every call that it cannot learn the bucket's layout; the user
+    still sees jaxdream's one line."""
+    env = {key: value for key, value in os.environ.items() if key not in ENV}
+    env.update(STORAGE_EMULATOR_HOST=gcs["STORAGE_EMULATOR_HOST"], NO_GCE_CHECK="true",
+               GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "no-such-credentials.json"),
+               CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
+    config = write_config(tmp_path / "job.yaml", ["gs://absent-store/in/"],
+                          f"gs://{BUCKET}/quiet/out")  # type: ignore[arg-type]
+    with private_ray_environment() as ray_env:
+        result = subprocess.run([sys.executable, "-m", "jaxdream.cli", "run", str(config), "-q"],
+                                env={**env, **ray_env}, capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "inputs[0]" in result.stderr and "bucket does not exist" in result.stderr
+
+
+def test_gcs_listings_and_errors_translate() -> None:
+    """What the emulator cannot show: a real GCS listing (etag that changes with metadata,
+    composite objects without MD5) and gcsfs's 401/403 errors."""
+    from gcsfs.retry import HttpError
+
+    info = {"name": "b/a.png", "size": 10, "etag": "CKih16GjycICEAE=", "generation": "17",
+            "md5Hash": "XUFAKrxLKna5cZ2REBfFkg==", "crc32c": "mnG7TA==", "updated": "t"}
+    same = {**info, "etag": "CKih16GjycICEAI=", "generation": "18", "updated": "u"}
+    assert storage.identity_of("gs://b/a.png", info) == storage.identity_of("gs://b/a.png", same)
+    composite = {key: value for key, value in info.items() if key != "md5Hash"}
+    assert json.loads(storage.identity_of("gs://b/a.png", composite))["etag"] == "mnG7TA=="
+    assert storage.identity_of("gs://b/a.png", info) != storage.identity_of(
+        "gs://b/a.png", {**info, "md5Hash": "boCcvaBzKsSEWRalkBb5VA=="})
+    denied = [OSError("Forbidden: b/photos/o\nsa@p.iam.gserviceaccount.com does not have "
+                      "storage.objects.list access"),
+              HttpError({"code": 401, "message": "Invalid Credentials"})]
+    for error in denied:
+        assert storage.reason(error).startswith("access denied ("), error
 
 
 # --------------------------------------------------------------------------------------------
