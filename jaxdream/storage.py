@@ -42,6 +42,8 @@ LIST_SUFFIXES = (".txt", ".csv")
 _PATH_COLUMNS = ("path", "url", "uri", "image", "file", "filename", "image_path")
 #: Identity of each object listed so far, by URL: planning reuses what a listing returned.
 _IDENTITIES: dict[str, str] = {}
+#: Buckets known to exist (see :func:`_no_bucket`).
+_BUCKETS_SEEN: set[str] = set()
 
 
 class StorageError(JaxdreamError):
@@ -103,9 +105,9 @@ def reason(error: BaseException, url: str | None = None) -> str:
     the error does not say (gcsfs reports any 404 as the bare path)."""
     text = " ".join(str(error).split())[:200]
     if isinstance(error, FileNotFoundError):
-        if _bucket_missing(text, url):
-            return f"the bucket does not exist ({text})"
-        return "no such object or prefix"
+        if not _bucket_missing(text, url):
+            return "no such object or prefix"
+        return "the bucket does not exist" + ("" if _is_gcs(url) else f" ({text})")
     # gcsfs: a 403 is an OSError "Forbidden: ...", a 401 an HttpError with a code.
     if (isinstance(error, PermissionError) or getattr(error, "code", None) in (401, 403)
             or (isinstance(error, OSError) and text.startswith("Forbidden"))):
@@ -119,18 +121,32 @@ def reason(error: BaseException, url: str | None = None) -> str:
 def _bucket_missing(text: str, url: str | None) -> bool:
     """Whether a not-found error means the bucket: S3 says so in words; for GCS (whose error
     is only the path, which may well contain "bucket") the bucket itself is looked up."""
-    if url is None or urlsplit(url).scheme not in ("gs", "gcs"):
+    if not _is_gcs(url):
         return "bucket" in text.lower()
-    return _no_bucket(url)
+    return _no_bucket(url)  # type: ignore[arg-type]
+
+
+def _is_gcs(url: str | None) -> bool:
+    return url is not None and urlsplit(url).scheme in ("gs", "gcs")
 
 
 def _no_bucket(url: str) -> bool:
-    """True when the bucket of ``url`` (an object-store URL) is known not to exist."""
+    """True when the bucket of ``url`` (an object-store URL) is known not to exist: looking
+    it up says "not found". Forbidden or failing lookups say nothing (a role without
+    ``storage.buckets.get`` must not turn every missing object into a missing bucket), and a
+    bucket seen once is not looked up again (many missing objects, one bucket)."""
     fs, path = filesystem(url)
+    bucket = f"{urlsplit(url).scheme}://{path.split('/', 1)[0]}"
+    if bucket in _BUCKETS_SEEN:
+        return False
     try:
-        return not fs.exists(path.split("/", 1)[0])
+        fs.info(path.split("/", 1)[0])
+    except FileNotFoundError:
+        return True
     except Exception:  # noqa: BLE001 - cannot tell: say only what is certain
         return False
+    _BUCKETS_SEEN.add(bucket)
+    return False
 
 
 def identity_of(url: str, info: dict[str, Any]) -> str:
