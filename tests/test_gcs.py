@@ -2,8 +2,9 @@
 
 Every test talks to a GCS emulator on 127.0.0.1 that this module starts itself
 (``gcp-storage-emulator``, in memory, on a free port), reached by gcsfs through
-``STORAGE_EMULATOR_HOST`` with an anonymous token (``FSSPEC_GS_TOKEN=anon``, fsspec's own
-config); nothing reaches the internet. The server is stopped at the end.
+``STORAGE_EMULATOR_HOST`` with a made-up access token (``FSSPEC_GS_TOKEN``, fsspec's own
+config, sent as a bearer token that the emulator ignores) which must never show up in an
+error, a log line or a manifest; nothing reaches the internet. The server is stopped at the end.
 
 gcsfs's default filesystem since 2026 (``ExtendedGcsFileSystem``) first asks GCS's gRPC
 control plane what kind each bucket is; an HTTP emulator cannot answer that (every call waits
@@ -13,6 +14,7 @@ switch, ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``. Everything jaxdream calls i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -48,7 +50,8 @@ pytestmark = [
 
 BUCKET = "gphotos"
 MISSING = "absent-store"  # no bucket of this name; not "bucket" in it, so messages must say so
-ENV = {"FSSPEC_GS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+SECRET = "ya29.jaxdream-test-token-5f1c9a7e"  # the access token the token server hands out
+ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "NO_GCE_CHECK": "true"}
 
 
 def _free_port() -> int:
@@ -66,10 +69,56 @@ def _clear_fs_cache() -> None:
     gcsfs.core.GCSFileSystem.clear_instance_cache()
 
 
+@contextlib.contextmanager
+def _token_server(folder: Path) -> Iterator[tuple[Path, str, list[int]]]:
+    """A service-account key file whose ``token_uri`` is a server on 127.0.0.1 that swaps the
+    signed assertion for :data:`SECRET`: the credentials a VM or a key file gives, found where
+    google-auth finds them (``GOOGLE_APPLICATION_CREDENTIALS``), with nothing online. Yields
+    the key file, the key's PEM and the count of tokens handed out."""
+    import http.server
+    import threading
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    served = [0]
+
+    class Tokens(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server spelling
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            served[0] += 1
+            body = json.dumps({"access_token": SECRET, "expires_in": 3600,
+                               "token_type": "Bearer"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Tokens)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    path = folder / "service-account.json"
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "jd-test", "private_key_id": "k1",
+        "private_key": pem, "client_email": "jd@jd-test.iam.gserviceaccount.com",
+        "client_id": "1", "token_uri": f"http://127.0.0.1:{server.server_port}/token"}))
+    try:
+        yield path, pem, served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
-def gcs() -> Iterator[dict[str, str]]:
-    """The emulator's environment (endpoint, anonymous token), set in this process too."""
-    import fsspec.config
+def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The emulator's environment (endpoint, credentials file), set in this process too."""
+    import fsspec
     import gcsfs.core
     from gcp_storage_emulator.server import create_server
 
@@ -78,38 +127,46 @@ def gcs() -> Iterator[dict[str, str]]:
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
-    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", **ENV}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    # fsspec read its FSSPEC_* variables when it was imported; say it again for this process.
-    gs_config = fsspec.config.conf.setdefault("gs", {})
-    saved_token = gs_config.get("token")
-    gs_config["token"] = "anon"
-    saved_gs = fsspec.registry.get("gs")
-    fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
-    _clear_fs_cache()
-    try:
-        yield env
-    finally:
-        server.stop()
-        if saved_gs is not None:
-            fsspec.register_implementation("gs", saved_gs, clobber=True)
-        if saved_token is None:
-            gs_config.pop("token", None)
-        else:
-            gs_config["token"] = saved_token
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _token_server(tmp_path_factory.mktemp("gcs-key")) as (key_file, pem, served):
+        env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", **ENV,
+               "GOOGLE_APPLICATION_CREDENTIALS": str(key_file)}
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        # This process may have imported gcsfs already, with its default filesystem.
+        saved_gs = fsspec.registry.get("gs")
+        fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
         _clear_fs_cache()
+        _KEY_LINE[:] = [pem.splitlines()[1]]
+        try:
+            yield env
+        finally:
+            server.stop()
+            if saved_gs is not None:
+                fsspec.register_implementation("gs", saved_gs, clobber=True)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            _clear_fs_cache()
+    assert served[0] >= 1  # the store was reached signed in, with the key file
+
+
+#: A line of the private key, once the fixture made one.
+_KEY_LINE: list[str] = []
+
+
+def _no_secret(*texts: str) -> None:
+    """Neither the access token nor the private key is printed or recorded."""
+    for text in texts:
+        assert SECRET not in text and "ya29" not in text and "PRIVATE KEY" not in text
+        assert not any(line in text for line in _KEY_LINE)
 
 
 def _fs() -> Any:
     import gcsfs.core
 
-    return gcsfs.core.GCSFileSystem(token="anon")
+    return gcsfs.core.GCSFileSystem()
 
 
 def _png(seed: int, side: int = 96) -> bytes:
@@ -221,6 +278,7 @@ def _refused(tmp_path: Path, inputs: str, output: str, env: dict[str, str]) -> s
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    _no_secret(result.stderr, result.stdout)
     return lines[0]
 
 
@@ -321,8 +379,7 @@ def test_a_job_from_a_bucket_to_a_bucket_resumes_from_the_prefix(gcs: dict[str, 
     rows = _manifest("job/out/manifest.jsonl")
     assert len(rows) == 4 and not [key for key in _keys("job/out/") if "manifest.parts" in key]
     assert len({(row["id"], row["output"]) for row in rows}) == 4
-    for text in (first.stderr, again.stderr, json.dumps(rows)):
-        assert "anon" not in text and "token" not in text.lower()
+    _no_secret(first.stderr, first.stdout, again.stderr, again.stdout, json.dumps(rows))
 
 
 # --------------------------------------------------------------------------------------------
