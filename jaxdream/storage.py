@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -41,6 +42,8 @@ LIST_SUFFIXES = (".txt", ".csv")
 _PATH_COLUMNS = ("path", "url", "uri", "image", "file", "filename", "image_path")
 #: Identity of each object listed so far, by URL: planning reuses what a listing returned.
 _IDENTITIES: dict[str, str] = {}
+#: Buckets known to exist (see :func:`_no_bucket`).
+_BUCKETS_SEEN: set[str] = set()
 
 
 class StorageError(JaxdreamError):
@@ -73,6 +76,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     """fsspec's filesystem for ``url`` and the path within it."""
     import fsspec
 
+    _quiet_store_logs()
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as error:
@@ -85,14 +89,28 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise StorageError(f"{redact(url)}: cannot be opened: {error}") from None
 
 
-def reason(error: BaseException) -> str:
-    """What went wrong with a store, in words: the kind, then the server's first line."""
+def _quiet_store_logs() -> None:
+    """gcsfs (2026) logs a warning on every call it cannot learn a bucket's layout for (no
+    layout permission, no such bucket, an emulator), one stderr line each through Python's
+    last-resort handler; jaxdream reports store errors itself, in one line. A level the user
+    set is kept."""
+    logger = logging.getLogger("gcsfs")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
+
+
+def reason(error: BaseException, url: str | None = None) -> str:
+    """What went wrong with a store, in words: the kind, then the server's first line.
+    ``url`` (what was being reached) lets a missing object be told from a missing bucket where
+    the error does not say (gcsfs reports any 404 as the bare path)."""
     text = " ".join(str(error).split())[:200]
     if isinstance(error, FileNotFoundError):
-        if "bucket" in text.lower():
-            return f"the bucket does not exist ({text})"
-        return "no such object or prefix"
-    if isinstance(error, PermissionError):
+        if not _bucket_missing(text, url):
+            return "no such object or prefix"
+        return "the bucket does not exist" + ("" if _is_gcs(url) else f" ({text})")
+    # gcsfs: a 403 is an OSError "Forbidden: ...", a 401 an HttpError with a code.
+    if (isinstance(error, PermissionError) or getattr(error, "code", None) in (401, 403)
+            or (isinstance(error, OSError) and text.startswith("Forbidden"))):
         return (f"access denied ({text or 'forbidden'}); check the credentials (AWS_* or "
                 f"GOOGLE_APPLICATION_CREDENTIALS) and the bucket's policy")
     if isinstance(error, JaxdreamError):
@@ -100,11 +118,44 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _bucket_missing(text: str, url: str | None) -> bool:
+    """Whether a not-found error means the bucket: S3 says so in words; for GCS (whose error
+    is only the path, which may well contain "bucket") the bucket itself is looked up."""
+    if not _is_gcs(url):
+        return "bucket" in text.lower()
+    return _no_bucket(url)  # type: ignore[arg-type]
+
+
+def _is_gcs(url: str | None) -> bool:
+    return url is not None and urlsplit(url).scheme in ("gs", "gcs")
+
+
+def _no_bucket(url: str) -> bool:
+    """True when the bucket of ``url`` (an object-store URL) is known not to exist: looking
+    it up says "not found". Forbidden or failing lookups say nothing (a role without
+    ``storage.buckets.get`` must not turn every missing object into a missing bucket), and a
+    bucket seen once is not looked up again (many missing objects, one bucket)."""
+    fs, path = filesystem(url)
+    bucket = f"{urlsplit(url).scheme}://{path.split('/', 1)[0]}"
+    if bucket in _BUCKETS_SEEN:
+        return False
+    try:
+        fs.info(path.split("/", 1)[0])
+    except FileNotFoundError:
+        return True
+    except Exception:  # noqa: BLE001 - cannot tell: say only what is certain
+        return False
+    _BUCKETS_SEEN.add(bucket)
+    return False
+
+
 def identity_of(url: str, info: dict[str, Any]) -> str:
     """What identifies an object without reading it: its URL, ETag (or generation/checksum)
-    and size; the modification time only where there is no ETag."""
+    and size; the modification time only where there is no ETag. For GCS the content's MD5
+    (or CRC32C: composite objects have no MD5) comes first: its ``etag`` also changes when
+    only the metadata does, and ``generation`` when the same bytes are written again."""
     etag = ""
-    for key in ("ETag", "etag", "md5Hash", "crc32c", "generation"):
+    for key in ("ETag", "md5Hash", "crc32c", "etag", "generation"):
         if info.get(key):
             etag = str(info[key]).strip('"')
             break
@@ -132,8 +183,8 @@ def identity(url: str) -> str:
     fs, path = filesystem(url)
     try:
         info = fs.info(path)
-    except (OSError, ValueError) as error:
-        raise StorageError(f"{redact(url)}: {reason(error)}") from None
+    except Exception as error:  # noqa: BLE001 - gcsfs raises its own HttpError too
+        raise StorageError(f"{redact(url)}: {reason(error, url)}") from None
     if info.get("type") == "directory":
         raise StorageError(f"{redact(url)}: is a prefix (a folder), not an object")
     return identity_of(url, info)
@@ -163,10 +214,12 @@ def expand_url(entry: str, name: str, extensions: Iterable[str]) -> list[str]:
                 identity_text = identity_of(entry, fs.info(path))
                 _IDENTITIES[entry] = identity_text
             return [entry]
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{name}: {reason(error)}") from None
     except StorageError as error:
         raise ConfigError(str(error)) from None
+    except JaxdreamError:
+        raise
+    except Exception as error:  # noqa: BLE001 - gcsfs raises its own HttpError too
+        raise ConfigError(f"{name}: {reason(error, entry)}") from None
     found = []
     for key in sorted(infos):
         info = infos[key]
@@ -176,6 +229,8 @@ def expand_url(entry: str, name: str, extensions: Iterable[str]) -> list[str]:
         _IDENTITIES[url] = identity_of(url, info)
         found.append(url)
     if not found:
+        if not infos and _no_bucket(entry):  # a glob on a missing bucket matches nothing
+            raise ConfigError(f"{name}: the bucket does not exist")
         raise ConfigError(f"{name} {empty}")
     return found
 
@@ -237,12 +292,12 @@ def read_object(url: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
             data = fs.cat_file(path, start=0, end=max_bytes + 1)
     except OSError as error:
         if "not satisfiable" not in str(error):
-            raise ImageError(f"{name}: cannot read: {reason(error)}") from None
+            raise ImageError(f"{name}: cannot read: {reason(error, url)}") from None
         data = b""  # a range of an empty object: the decoder says "empty file"
     except ValueError as error:
-        raise ImageError(f"{name}: cannot read: {reason(error)}") from None
+        raise ImageError(f"{name}: cannot read: {reason(error, url)}") from None
     except Exception as error:  # an HTTP or protocol error of the filesystem's own kind
-        raise ImageError(f"{name}: cannot read: {reason(error)}") from None
+        raise ImageError(f"{name}: cannot read: {reason(error, url)}") from None
     if len(data) > max_bytes:
         raise ImageError(f"{name}: larger than {max_bytes} bytes, refused")
     return bytes(data)
@@ -255,7 +310,7 @@ def put_object(url: str, data: bytes) -> None:
     try:
         fs.pipe_file(path, data)
     except Exception as error:  # noqa: BLE001 - any failure of the store is this one error
-        raise StorageError(f"{redact(url)}: cannot write: {reason(error)}") from None
+        raise StorageError(f"{redact(url)}: cannot write: {reason(error, url)}") from None
 
 
 def delete_objects(urls: list[str]) -> None:
@@ -279,11 +334,11 @@ def list_prefix(prefix: str, *, recursive: bool = False) -> dict[str, dict[str, 
         else:
             infos = {info["name"]: info for info in fs.ls(base, detail=True, refresh=True)}
     except FileNotFoundError as error:
-        if "bucket" in str(error).lower():
-            raise StorageError(f"{redact(prefix)}: {reason(error)}") from None
+        if _bucket_missing(str(error), prefix):
+            raise StorageError(f"{redact(prefix)}: {reason(error, prefix)}") from None
         return {}
-    except (OSError, ValueError) as error:
-        raise StorageError(f"{redact(prefix)}: {reason(error)}") from None
+    except Exception as error:  # noqa: BLE001 - gcsfs raises its own HttpError too
+        raise StorageError(f"{redact(prefix)}: {reason(error, prefix)}") from None
     return {name[len(base):]: info for name, info in infos.items()
             if info.get("type") == "file" and name.startswith(base)}
 
