@@ -23,7 +23,7 @@ import os
 import posixpath
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -124,6 +124,12 @@ def known_identity(entry: str) -> str | None:
     return _IDENTITIES.get(entry)
 
 
+def take_identity(entry: str) -> str:
+    """:func:`known_identity`, forgotten here: a streamed plan carries it with its item, so
+    a listing of a million objects is not kept twice ("" if none was recorded)."""
+    return _IDENTITIES.pop(entry, "")
+
+
 def identity(url: str) -> str:
     """:func:`identity_of` an object, from its listing when it was listed, else one HEAD."""
     known = _IDENTITIES.get(url)
@@ -140,9 +146,22 @@ def identity(url: str) -> str:
 
 
 def expand_url(entry: str, name: str, extensions: Iterable[str]) -> list[str]:
-    """The object URLs an ``inputs`` entry names: a prefix (``s3://b/photos/``: its image
-    objects, by extension, sorted, not recursive), a glob on one, a list file, or one object.
-    Listing errors (no bucket, no access, nothing there) are ConfigErrors naming ``name``."""
+    """:func:`iter_url` as a list; each object's identity is recorded for planning
+    (:func:`known_identity`)."""
+    found = []
+    for url, text in iter_url(entry, name, extensions):
+        if text:
+            _IDENTITIES[url] = text
+        found.append(url)
+    return found
+
+
+def iter_url(entry: str, name: str, extensions: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """The object URLs an ``inputs`` entry names, each with its identity ("" for a URL on the
+    web or a list's line, not listed): a prefix (``s3://b/photos/``: its image objects, by
+    extension, sorted, not recursive), a glob on one, a list file, or one object. Listing
+    errors (no bucket, no access, nothing there) are ConfigErrors naming ``name``, raised
+    before the first URL; the URLs then come one by one, each identity made as it is taken."""
     exts = tuple(extensions)
     fs, path = filesystem(entry)
     web = entry.split("://", 1)[0] in ("http", "https")
@@ -157,27 +176,23 @@ def expand_url(entry: str, name: str, extensions: Iterable[str]) -> list[str]:
             found = read_list(entry, name)
             if not found:
                 raise ConfigError(f"{name} lists no file")
-            return found
+            yield from ((url, "") for url in found)
+            return
         else:
-            if not web:
-                identity_text = identity_of(entry, fs.info(path))
-                _IDENTITIES[entry] = identity_text
-            return [entry]
+            text = "" if web else identity_of(entry, fs.info(path))
+            yield entry, text
+            return
     except (OSError, ValueError) as error:
         raise ConfigError(f"{name}: {reason(error)}") from None
     except StorageError as error:
         raise ConfigError(str(error)) from None
-    found = []
-    for key in sorted(infos):
-        info = infos[key]
-        if info.get("type") != "file" or not key.lower().endswith(exts):
-            continue
-        url = fs.unstrip_protocol(key)
-        _IDENTITIES[url] = identity_of(url, info)
-        found.append(url)
-    if not found:
+    keys = sorted(key for key, info in infos.items()
+                  if info.get("type") == "file" and key.lower().endswith(exts))
+    if not keys:
         raise ConfigError(f"{name} {empty}")
-    return found
+    for key in keys:
+        url = fs.unstrip_protocol(key)
+        yield url, identity_of(url, infos[key])
 
 
 def read_list(where: str, name: str) -> list[str]:
