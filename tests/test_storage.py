@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -268,7 +269,12 @@ def test_a_job_from_a_bucket_to_a_bucket_resumes_from_the_prefix(s3: dict[str, s
         assert errors == [line for line in errors if "s3://photos/job/in/broken.png" in line]
         assert len(errors) == 1, first.stderr
         outputs = [key for key in _keys("job/out/") if key.endswith(".png")]
-        assert outputs == [f"job/out/photo_{i}_dream.png" for i in range(4)]
+        # Listed inputs are named by themselves alone: stem, then a digest of the URL.
+        from jaxdream.planning import output_stem
+
+        stems = [output_stem(f"s3://photos/job/in/photo_{i}.png", True) for i in range(4)]
+        assert all(re.fullmatch(f"photo_{i}_[0-9a-f]{{8}}", stem) for i, stem in enumerate(stems))
+        assert outputs == [f"job/out/{stem}_dream.png" for stem in stems]
         assert _keys("job/out/manifest") == ["job/out/manifest.jsonl"]  # parts compacted
         rows = _manifest("job/out/manifest.jsonl")
         assert len(rows) == 5 and sum(row["status"] == "done" for row in rows) == 4
