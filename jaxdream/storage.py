@@ -170,6 +170,10 @@ def iter_url(entry: str, name: str, extensions: Iterable[str]) -> Iterator[tuple
             infos = fs.glob(path, detail=True)
             empty = "matches no image object"
         elif not web and (entry.endswith("/") or fs.isdir(path)):
+            pages = _pages(fs, path)
+            if pages is not None:  # a store that lists page by page: stream it
+                yield from _paged(fs, pages, name, exts)
+                return
             infos = {info["name"]: info for info in fs.ls(path, detail=True)}
             empty = "holds no image object"
         elif posixpath.splitext(urlsplit(entry).path)[1].lower() in LIST_SUFFIXES:
@@ -193,6 +197,62 @@ def iter_url(entry: str, name: str, extensions: Iterable[str]) -> Iterator[tuple
     for key in keys:
         url = fs.unstrip_protocol(key)
         yield url, identity_of(url, infos[key])
+
+
+#: Objects taken from a store's listing at a time (S3 returns pages of 1000).
+LIST_BATCH = 1000
+
+
+def _pages(fs: Any, path: str) -> Iterator[list[dict[str, Any]]] | None:
+    """The objects directly under ``path`` in batches as the store returns them, for a store
+    whose filesystem can list page by page (s3fs's ``_iterdir``), else None. S3 lists keys in
+    order (UTF-8 bytes, which is the order of Python's ``sorted``), so the batches need no
+    sorting; the first comes after one request, not after the whole listing."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    iterdir = getattr(fs, "_iterdir", None)
+    if "s3" not in protocols or iterdir is None:  # s3fs's own paged listing, else none
+        return None
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+    listing = iterdir(bucket, prefix=key.rstrip("/") + "/" if key else "", delimiter="/")
+
+    async def batch() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        try:
+            while len(found) < LIST_BATCH:
+                found.append(await listing.__anext__())
+        except StopAsyncIteration:
+            pass
+        return found
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        while found := sync(fs.loop, batch):
+            yield found
+
+    return batches()
+
+
+def _paged(fs: Any, pages: Iterator[list[dict[str, Any]]], name: str,
+           exts: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """:func:`iter_url` of a prefix listed page by page; the errors of any page are
+    ConfigErrors naming ``name``."""
+    any_found = False
+    while True:
+        try:
+            page = next(pages, None)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{name}: {reason(error)}") from None
+        if page is None:
+            break
+        for info in page:
+            key = info["name"]
+            if info.get("type") == "file" and key.lower().endswith(exts):
+                any_found = True
+                url = fs.unstrip_protocol(key)
+                yield url, identity_of(url, info)
+    if not any_found:
+        raise ConfigError(f"{name} holds no image object")
 
 
 def read_list(where: str, name: str) -> list[str]:

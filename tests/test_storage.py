@@ -613,3 +613,37 @@ def test_a_file_that_is_not_parquet_is_one_config_line(tmp_path: Path) -> None:
                                           r"Parquet file") as error:
         expand_inputs([str(tmp_path / "fake.parquet")], source="inputs")
     assert "\n" not in str(error.value)
+
+
+def test_a_prefix_is_listed_page_by_page_and_its_first_objects_come_at_once(
+        s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket of a million objects is a thousand listing requests: the first inputs come
+    out after the first page, not after the last."""
+    import s3fs
+
+    from jaxdream.storage import iter_url
+
+    for index in range(5):
+        _put(f"paged/in/p{index}.png", b"x")
+    _put("paged/in/notes.md", b"not an image")
+    pages: list[int] = []
+    real = s3fs.S3FileSystem._list_pages
+
+    async def small_pages(self: Any, method: str, **kwargs: Any) -> Any:
+        kwargs["MaxKeys"] = 2
+        async for page in real(self, method, **kwargs):
+            pages.append(len(page.get("Contents", [])))
+            yield page
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_list_pages", small_pages)
+    monkeypatch.setattr("jaxdream.storage.LIST_BATCH", 2)
+    _clear_fs_cache()
+    listing = iter_url("s3://photos/paged/in/", "inputs[0]", (".png",))
+    first, identity = next(listing)
+    assert first == "s3://photos/paged/in/p0.png" and '"etag"' in identity
+    assert len(pages) == 1
+    rest = [url for url, _ in listing]
+    assert rest == [f"s3://photos/paged/in/p{index}.png" for index in range(1, 5)]
+    assert len(pages) == 3
+    with pytest.raises(ConfigError, match="the bucket does not exist"):
+        list(iter_url("s3://no-such-bucket/in/", "inputs[0]", (".png",)))
