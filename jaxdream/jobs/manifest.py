@@ -116,7 +116,10 @@ def item_key(item: WorkItem, outdir: Path) -> tuple[str, str]:
     The id alone does not: two copies of one photo in a dataset have the same content, hence
     the same id, but each has its own output.
     """
-    return item.id, os.path.relpath(item.output, outdir)
+    output = item.output
+    if output.parent == outdir:  # the usual case, without relpath's two getcwd calls
+        return item.id, output.name
+    return item.id, os.path.relpath(output, outdir)
 
 
 def finished_rows(rows: Iterable[Mapping[str, Any]], outdir: Path
