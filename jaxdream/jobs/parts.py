@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from jaxdream.errors import JobError
@@ -66,17 +66,22 @@ def remote_lines(prefix: str, objects: Iterable[str]) -> Iterator[bytes]:
             raise JobError(f"{redact(url)}: cannot read the manifest: {error}") from None
 
 
-def remote_finished_keys(prefix: str, names: Mapping[str, Any]) -> dict[tuple[str, str], int]:
+def remote_finished_keys(prefix: str, names: Collection[str]) -> dict[tuple[str, str], int]:
     """:func:`remote_finished` from the manifest under ``prefix`` read as a stream, keys only:
     (id, output) of each finished item, with the number of its last row among the lines of
-    :func:`manifest_objects` (to copy that row alone at compaction)."""
-    latest: dict[tuple[str, str], tuple[int, bool]] = {}
+    :func:`manifest_objects` (to copy that row alone at compaction). ``names``: the objects
+    under the prefix, relative to it."""
+    # The number of each item's last row, as ~number when that row does not say done: one
+    # int per item, as a resumed job of a million items holds all of them at once.
+    latest: dict[tuple[str, str], int] = {}
     for number, line in enumerate(remote_lines(prefix, manifest_objects(names))):
         row = parse_row(line)
         if row is not None and isinstance(row.get("output"), str):
-            latest[(row["id"], row["output"])] = (number, row.get("status") == "done")
-    return {key: number for key, (number, done) in latest.items()
-            if done and key[1] in names}
+            latest[(row["id"], row["output"])] = (
+                number if row.get("status") == "done" else ~number)
+    for key in [key for key, number in latest.items() if number < 0 or key[1] not in names]:
+        del latest[key]
+    return latest
 
 
 def remote_finished(rows: Iterable[Mapping[str, Any]], names: Mapping[str, Any]

@@ -50,7 +50,7 @@ def run_remote_job(config: JobConfig, *, address: str | None = None, resume: boo
     finished: dict[tuple[str, str], int] = {}
     objects: list[str] = []
     if resume:
-        names = list_prefix(prefix, recursive=True)
+        names = set(list_prefix(prefix, recursive=True))  # names only, not the listing
         objects = manifest_objects(names)
         finished = remote_finished_keys(prefix, names)
     kept: set[int] = set()  # lines of the rows of finished items that this job planned again
