@@ -3,9 +3,9 @@ what each Ray worker of ``jaxdream run`` runs on its units of work.
 
 A job is planned into :class:`WorkItem` values (input, resolved recipe, output path, stable
 id; see :mod:`jaxdream.planning`), then rendered by :func:`render_items`: images are loaded one
-by one (a bad file becomes a failed outcome, never an exception), items that share a compiled program (model, static settings) are
-handed to one engine, which buckets their shapes into few programs, and each result is written
-atomically as a PNG that carries its recipe.
+by one (a bad file becomes a failed outcome, never an exception), items that share a compiled
+program (model, static settings) are handed to one engine, which buckets their shapes into few
+programs, and each result is written atomically as a PNG that carries its recipe.
 """
 
 from __future__ import annotations

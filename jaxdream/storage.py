@@ -56,7 +56,8 @@ def is_url(text: str) -> bool:
 #: A URL that :func:`redact` would return unchanged: lower-case scheme and host, no user,
 #: port, query or fragment, printable ASCII (checked without parsing: a listing of a
 #: million objects redacts each URL three times).
-_PLAIN_URL = re.compile(r"[a-z][a-z0-9+.-]+://[a-z0-9._-]+(/[!$%&'()*+,\-./0-9:;=A-Z\[\]^_`a-z{|}~]*)?")
+_PLAIN_URL = re.compile(r"[a-z][a-z0-9+.-]+://[a-z0-9._-]+"
+                        r"(/[!$%&'()*+,\-./0-9:;=A-Z\[\]^_`a-z{|}~]*)?")
 
 
 @functools.lru_cache(maxsize=64)  # planning redacts each listed URL three times in a row

@@ -5,8 +5,9 @@ The items still to do come in as an iterable (a plan that is still being listed,
 :func:`jaxdream.planning.plan_stream`): the scheduler takes :data:`INTAKE` of them at a time,
 cuts them into units (:func:`make_units`) and takes more only when its queue runs short, so the
 first unit goes out while a bucket of a million objects is still being listed and the driver
-never holds the whole plan. It keeps up to :data:`UNITS_PER_WORKER` units on each ready worker, and a unit lost with its worker goes back to
-the front of the queue, at most ``retries`` times. A unit's rows are written once its outcomes
+never holds the whole plan. It keeps up to :data:`UNITS_PER_WORKER` units on each ready
+worker, and a unit lost with its worker goes back to the front of the queue, at most
+``retries`` times. A unit's rows are written once its outcomes
 are back and its outputs visible, each item once however many times it was rendered.
 """
 
@@ -160,7 +161,8 @@ class Scheduler:
         # In a log (ray job logs, CI) every refresh is a line: refresh rarely there.
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=self.taken if self.exhausted else None, unit="img",
-                        desc="dreaming", disable=not progress or not self.todo, file=sys.stderr, dynamic_ncols=True,
+                        desc="dreaming", disable=not progress or not self.todo,
+                        file=sys.stderr, dynamic_ncols=True,
                         mininterval=0.5 if interactive else 15.0)
 
     def _take(self) -> list[WorkItem]:
