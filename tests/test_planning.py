@@ -60,7 +60,7 @@ def test_the_first_unit_is_dispatched_before_the_listing_ends(tmp_path: Path) ->
     """A plan that keeps coming (a slow bucket listing): the scheduler sends units from what
     it has and asks the plan for more only as its queue runs short."""
     state = {"listed": 0, "ended": False}
-    total = 5 * jobs.scheduler.INTAKE
+    total = 5 * jobs.INTAKE
 
     def slow_listing() -> Iterator[WorkItem]:
         for index in range(total):
@@ -79,7 +79,7 @@ def test_the_first_unit_is_dispatched_before_the_listing_ends(tmp_path: Path) ->
     driver._dispatch()
     writer.close()
     assert len(handle.sent) == jobs.UNITS_PER_WORKER and len(handle.sent[0]) == 4
-    assert not state["ended"] and state["listed"] <= jobs.scheduler.INTAKE + 1
+    assert not state["ended"] and state["listed"] <= jobs.INTAKE + 1
     assert not driver.exhausted
     # Emptying the queue makes it take the rest, a chunk at a time, until the plan ends.
     taken = []
