@@ -115,6 +115,13 @@ def _safe_stem(path: str) -> str:
     return stem[:100] or "image"
 
 
+def _file_sha256(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
+    """SHA-256 of a regular file (:func:`jaxdream.planning.file_sha256`)."""
+    from jaxdream.planning import file_sha256
+
+    return file_sha256(path, max_file_bytes)
+
+
 def _read_failure(path: str, error: OSError) -> str:
     return f"{path}: {error.strerror or error}"
 
