@@ -6,9 +6,10 @@ them. Nothing is decoded here; remote entries are listed, never read."""
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from jaxdream.errors import ConfigError
 from jaxdream.files import display
 from jaxdream.shards import expand_braces, is_shard, shard_members
 from jaxdream.tables import is_table, table_inputs
-from jaxdream.storage import LIST_SUFFIXES, expand_url, is_url, read_list
+from jaxdream.storage import (LIST_SUFFIXES, is_url, iter_url, read_list, register_identity,
+                              take_identity)
 
 #: Extensions picked up by folders and globs (files named or listed explicitly are all kept).
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .gif .bmp .tif .tiff .webp .ppm".split())
@@ -52,7 +54,10 @@ def _without_outputs(found: list[str], outdir: Path | None) -> list[str]:
 
 
 def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None,
-                  column: str | None = None) -> list[str]:
+                  column: str | None = None) -> Iterator[tuple[str, str]]:
+    """(path, identity) for each input ``entry`` names; identity is what a listing recorded
+    ("" for a local file or an unlisted URL). Problems with the entry raise ConfigError before
+    the first input comes out."""
     if not isinstance(entry, str) or not entry or "\0" in entry:
         raise ConfigError(f"{where}: expected a path, got {entry!r:.60}")
     # Strict (a config file): the key path and the entry; lenient (an INPUT): the entry alone.
@@ -60,14 +65,30 @@ def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None,
     if "{" in entry and not os.path.lexists(entry):
         names = expand_braces(entry)  # shards/train-{000000..000999}.tar
         if len(names) > 1:
-            return [path for one in names
-                    for path in _expand_entry(one, where, lenient, outdir, column)]
+            return _each(names, where, lenient, outdir, column)
     if is_shard(entry) and (is_url(entry) or os.path.isfile(entry)):
-        return shard_members(entry, name, IMAGE_EXTENSIONS)
+        return _recorded(shard_members(entry, name, IMAGE_EXTENSIONS))
     if is_table(entry) and (is_url(entry) or os.path.isfile(entry)):
-        return table_inputs(entry, name, column)  # image rows, or a list of paths and URLs
+        return _recorded(table_inputs(entry, name, column))  # image rows, or paths and URLs
     if is_url(entry):
-        return expand_url(entry, name, IMAGE_EXTENSIONS)
+        listing = iter_url(entry, name, IMAGE_EXTENSIONS)
+        first = next(listing)  # listing errors before anything is planned
+        return itertools.chain([first], listing)
+    return ((path, "") for path in _expand_local(entry, name, lenient, outdir))
+
+
+def _each(names: list[str], where: str, lenient: bool, outdir: Path | None,
+          column: str | None) -> Iterator[tuple[str, str]]:
+    for one in names:
+        yield from _expand_entry(one, where, lenient, outdir, column)
+
+
+def _recorded(paths: list[str]) -> Iterator[tuple[str, str]]:
+    """Paths with the identities their listing recorded, taken from the record as they go."""
+    return ((path, take_identity(path)) for path in paths)
+
+
+def _expand_local(entry: str, name: str, lenient: bool, outdir: Path | None) -> list[str]:
     path = Path(entry)
     try:
         if path.is_dir():
@@ -95,6 +116,32 @@ def _expand_entry(entry: Any, where: str, lenient: bool, outdir: Path | None,
     return found
 
 
+def iter_inputs(entries: Sequence[str], *, source: str = "inputs", lenient: bool = False,
+                outdir: Path | None = None, image_column: str | None = None
+                ) -> Iterator[tuple[str, str, str]]:
+    """The inputs config entries name, as they are listed: (path, identity, "") each, without
+    repeats (first spelling wins), where identity is what a listing recorded for an object, a
+    shard member or a table row ("" for a local file or a URL named on its own). Entries are
+    taken one at a time, so the first inputs of a bucket come out while the rest is listed.
+    An entry that matches nothing raises ConfigError when it is reached, or (``lenient``)
+    comes out as (entry, "", reason). See :func:`expand_inputs` for what an entry may be."""
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        try:
+            found = _expand_entry(entry, f"{source}[{index}]", lenient=lenient, outdir=outdir,
+                                  column=image_column)
+        except ConfigError as error:
+            if not lenient:
+                raise
+            yield entry, "", str(error)
+            continue
+        for path, identity in found:
+            key = path if is_url(path) else os.path.normpath(path)
+            if key not in seen:
+                seen.add(key)
+                yield path, identity, ""
+
+
 def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
                   failures: list[tuple[str, str]] | None = None,
                   outdir: Path | None = None, image_column: str | None = None) -> list[str]:
@@ -115,16 +162,15 @@ def expand_inputs(entries: Sequence[str], *, source: str = "inputs",
     named on its own is always kept. ``image_column`` names the column of Parquet files to
     read (see :func:`jaxdream.tables.table_inputs`).
     """
-    found: dict[str, str] = {}  # normalised path -> first spelling seen (dicts keep order)
-    for index, entry in enumerate(entries):
-        try:
-            paths = _expand_entry(entry, f"{source}[{index}]", lenient=failures is not None,
-                                  outdir=outdir, column=image_column)
-        except ConfigError as error:
-            if failures is None:
-                raise
-            failures.append((entry, str(error)))
+    found: list[str] = []
+    for path, identity, failure in iter_inputs(entries, source=source,
+                                               lenient=failures is not None, outdir=outdir,
+                                               image_column=image_column):
+        if failure:
+            assert failures is not None
+            failures.append((path, failure))
             continue
-        for path in paths:
-            found.setdefault(path if is_url(path) else os.path.normpath(path), path)
-    return list(found.values())
+        if identity:
+            register_identity(path, identity)  # for plan() of these paths
+        found.append(path)
+    return found

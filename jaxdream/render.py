@@ -1,17 +1,16 @@
 """Dreams image files into an output folder in this process: what ``jaxdream dream`` runs, and
 what each Ray worker of ``jaxdream run`` runs on its units of work.
 
-A job is planned into :class:`WorkItem` values (input, resolved recipe, output path, stable id),
-then rendered by :func:`render_items`: images are loaded one by one (a bad file becomes a failed
-outcome, never an exception), items that share a compiled program (model, static settings) are
-handed to one engine, which buckets their shapes into few programs, and each result is written
-atomically as a PNG that carries its recipe.
+A job is planned into :class:`WorkItem` values (input, resolved recipe, output path, stable
+id; see :mod:`jaxdream.planning`), then rendered by :func:`render_items`: images are loaded one
+by one (a bad file becomes a failed outcome, never an exception), items that share a compiled
+program (model, static settings) are handed to one engine, which buckets their shapes into few
+programs, and each result is written atomically as a PNG that carries its recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -25,14 +24,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from jaxdream import __version__, storage
+from jaxdream import storage
 from jaxdream.engine import (CompileStats, Engine, default_batch_size, item_params,
                              static_settings)
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import output_folder
-from jaxdream.images import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes,
-                             png_bytes, save_png, to_uint8)
-from jaxdream.models import load_model, weights_sha256
+from jaxdream.images import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, _check_file_size,
+                             _open_regular_file, load_rgb_bytes, png_bytes, save_png, to_uint8)
+from jaxdream.models import load_model
 from jaxdream.shards import MEMBER, read_member
 from jaxdream.storage import is_url
 from jaxdream.tables import read_row
@@ -40,6 +39,18 @@ from jaxdream.recipe import Recipe
 
 if TYPE_CHECKING:
     from jaxdream.config import JobConfig
+
+#: Planning lives in :mod:`jaxdream.planning`; these names are found here too.
+_PLANNING = frozenset({"output_stem", "output_stems", "output_paths", "variant_path", "item_id",
+                       "plan", "plan_items", "plan_stream"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PLANNING:
+        from jaxdream import planning
+
+        return getattr(planning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 Status = Literal["done", "failed", "skipped"]
 
@@ -69,6 +80,10 @@ class WorkItem:
     input_identity: str = ""
     #: The object the output is uploaded to when the output is an object-store prefix.
     dest: str = ""
+    #: For a local file: its size and modification time (ns) when planned (-1: not known);
+    #: the worker refuses a file that no longer has them.
+    input_size: int = -1
+    input_mtime_ns: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,155 +118,15 @@ def _safe_stem(path: str) -> str:
     return stem[:100] or "image"
 
 
-def output_stems(inputs: Sequence[str], outdir: Path, output_url: str = "") -> list[str]:
-    """Deterministic, unique output stems, one per input, safe as file names.
-
-    Inputs whose names would collide (``a/cat.jpg`` and ``b/cat.png``) get a short hash of the
-    path as given, so the same command always writes the same names; so does a name whose
-    output would land on an input (a file, or an object when the output is ``output_url``).
-    """
-    stems = [_safe_stem(path) for path in inputs]
-    # Only what can be overwritten is compared: files with files, objects with objects (a
-    # million realpath calls on URLs would cost minutes and find nothing).
-    local_inputs = {os.path.realpath(path) for path in inputs
-                    if not output_url and not is_url(path)}
-    remote_inputs = {path for path in inputs if output_url and is_url(path)}
-
-    def lands_on_input(name: str) -> bool:
-        if output_url:
-            return storage.join(output_url, name) in remote_inputs
-        return bool(local_inputs) and os.path.realpath(outdir / name) in local_inputs
-
-    counts: dict[str, int] = {}
-    for stem in stems:
-        counts[stem] = counts.get(stem, 0) + 1
-    unique: list[str] = []
-    for path, stem in zip(inputs, stems, strict=True):
-        clash = any(lands_on_input(f"{stem}{suffix}") for suffix in ("_dream.png", "_grid.png"))
-        if counts[stem] > 1 or clash:
-            digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-            stem = f"{stem}_{digest}"
-        unique.append(stem)
-    return unique
-
-
-def output_paths(inputs: Sequence[str], outdir: Path) -> list[Path]:
-    """``OUTDIR/<stem>_dream.png`` for each input (see :func:`output_stems`)."""
-    return [outdir / f"{stem}_dream.png" for stem in output_stems(inputs, outdir)]
-
-
-def variant_path(outdir: Path, stem: str, variant: int, variants: int) -> Path:
-    """``<stem>_dream.png`` for a single recipe, ``<stem>_dream_007.png`` within a grid."""
-    if variants == 1:
-        return outdir / f"{stem}_dream.png"
-    return outdir / f"{stem}_dream_{variant:0{len(str(variants - 1))}d}.png"
-
-
-def item_id(input_sha256: str, recipe: Recipe, model_weights_sha256: str,
-            guide_sha256: str | None = None) -> str:
-    """A stable id: the same photo, parameters, weights and jaxdream version give the same id."""
-    # The text json.dumps(identity, sort_keys=True, separators=(",", ":")) gives for
-    # {"input", "guide", "jaxdream", "recipe"}, with the recipe's part made once per recipe:
-    # a plan of a million items would otherwise serialise the same recipe a million times.
-    dump = functools.partial(json.dumps, separators=(",", ":"))
-    text = (f'{{"guide":{dump(guide_sha256)},"input":{dump(input_sha256)},'
-            f'"jaxdream":{dump(__version__)},'
-            f'"recipe":{_recipe_text(recipe, model_weights_sha256)}}}')
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-@functools.lru_cache(maxsize=256)
-def _recipe_text(recipe: Recipe, model_weights_sha256: str) -> str:
-    return json.dumps(recipe.to_json(weights_sha256=model_weights_sha256), sort_keys=True,
-                      separators=(",", ":"))
-
-
 def _file_sha256(path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
-    """SHA-256 of a regular file; a pipe, device, folder, empty file or one larger than
-    ``max_file_bytes`` is an ImageError (a named pipe called photo.jpg must not hang the job,
-    a 50 GB file must not be read to be refused)."""
-    from jaxdream.images import _check_file_size, _open_regular_file
+    """SHA-256 of a regular file (:func:`jaxdream.planning.file_sha256`)."""
+    from jaxdream.planning import file_sha256
 
-    with _open_regular_file(path, path) as handle:
-        _check_file_size(handle, path, max_file_bytes)
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return file_sha256(path, max_file_bytes)
 
 
 def _read_failure(path: str, error: OSError) -> str:
     return f"{path}: {error.strerror or error}"
-
-
-def plan(inputs: Sequence[str], outdir: str | os.PathLike[str],
-         variants: Sequence[tuple[Recipe, Mapping[str, Any]]], *,
-         weights: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, output_url: str = ""
-         ) -> tuple[list[WorkItem], list[Outcome]]:
-    """Work items for every input under every recipe, and failures for unreadable inputs.
-
-    Each local input is hashed here (its content is part of every item's id); an object or
-    URL is identified by its listing instead (ETag, size), never read here. An input that
-    cannot be read becomes one failed outcome instead of items. Images are not decoded: a
-    file that is not an image is reported when a worker loads it. With ``output_url`` (an
-    object-store prefix) each item's output is uploaded there under its output's name.
-    """
-    out = Path(outdir)
-    stems = output_stems(inputs, out, output_url)
-    identities = {recipe.model: weights_sha256(recipe.model, weights) for recipe, _ in variants}
-    # A guide image is part of every item's identity; one that cannot be read stops the job
-    # before it starts (it is a setting, not one bad input among many).
-    guides = {recipe.guide: _file_sha256(recipe.guide)
-              for recipe, _ in variants if recipe.guide}
-    items: list[WorkItem] = []
-    failures: list[Outcome] = []
-    for path, stem in zip(inputs, stems, strict=True):
-        identity = storage.known_identity(path) or ""  # listed objects, shard members
-        try:
-            if not identity and is_url(path):
-                identity = storage.identity(path)
-            if identity:
-                digest = hashlib.sha256(identity.encode()).hexdigest()
-            else:
-                digest = _file_sha256(path, max_file_bytes)
-        except JaxdreamError as error:
-            failures.append(Outcome(path, None, "failed", str(error)))
-            continue
-        except OSError as error:
-            failures.append(Outcome(path, None, "failed", _read_failure(path, error)))
-            continue
-        for index, (recipe, point) in enumerate(variants):
-            guide = guides[recipe.guide] if recipe.guide else None
-            output = variant_path(out, stem, index, len(variants))
-            items.append(WorkItem(
-                id=item_id(digest, recipe, identities[recipe.model], guide), input=path,
-                output=output, recipe=recipe, point=dict(point),
-                input_sha256="" if identity else digest, max_pixels=max_pixels,
-                max_file_bytes=max_file_bytes, input_identity=identity,
-                dest=storage.join(output_url, output.name) if output_url else ""))
-    return items, failures
-
-
-def plan_items(config: JobConfig) -> tuple[list[WorkItem], list[Outcome]]:
-    """:func:`plan` for a loaded job config (inputs expanded, every grid variant); with
-    ``config.lenient_inputs`` an input entry that yields no image is one more failure."""
-    from jaxdream.inputs import expand_inputs
-
-    unmatched: list[tuple[str, str]] | None = [] if config.lenient_inputs else None
-    inputs = expand_inputs(config.inputs, source=f"{config.source}: inputs", failures=unmatched,
-                           outdir=config.output, image_column=config.image_column)
-    if config.recipe_weights_sha256 is not None:
-        actual = weights_sha256(config.model, config.weights)
-        if actual != config.recipe_weights_sha256:
-            raise JaxdreamError(
-                f"recipe {config.recipe} was rendered with weights sha256 "
-                f"{config.recipe_weights_sha256[:16]}..., but the loaded weights are "
-                f"{actual[:16]}...; pass --weights with the matching file")
-    items, failures = plan(inputs, config.output,
-                           [(v.recipe, v.point) for v in config.variants],
-                           weights=config.weights, max_pixels=config.max_pixels,
-                           max_file_bytes=config.max_file_bytes,
-                           output_url=config.output_url)
-    return items, [Outcome(entry, None, "failed", reason)
-                   for entry, reason in unmatched or ()] + failures
 
 
 def _load(item: WorkItem) -> tuple[np.ndarray, str]:
@@ -272,12 +147,20 @@ def _load(item: WorkItem) -> tuple[np.ndarray, str]:
         image = load_rgb_bytes(data, name, max_side=item.recipe.max_side,
                                max_pixels=item.max_pixels, max_file_bytes=item.max_file_bytes)
         return image, hashlib.sha256(data).hexdigest()
-    image = load_rgb(item.input, max_side=item.recipe.max_side, max_pixels=item.max_pixels,
-                     max_file_bytes=item.max_file_bytes)
-    if (item.input_sha256
-            and _file_sha256(item.input, item.max_file_bytes) != item.input_sha256):
+    # One read of the file: its bytes are hashed (the id did not need them) and decoded.
+    with _open_regular_file(item.input, item.input) as handle:
+        info = os.fstat(handle.fileno())
+        if (item.input_size >= 0 and (info.st_size, info.st_mtime_ns)
+                != (item.input_size, item.input_mtime_ns)):
+            raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
+        _check_file_size(handle, item.input, item.max_file_bytes)
+        data = handle.read(item.max_file_bytes + 1)
+    digest = hashlib.sha256(data).hexdigest()
+    if item.input_sha256 and digest != item.input_sha256:
         raise JaxdreamError(f"{item.input}: the file changed since the job was planned")
-    return image, item.input_sha256
+    image = load_rgb_bytes(data, item.input, max_side=item.recipe.max_side,
+                           max_pixels=item.max_pixels, max_file_bytes=item.max_file_bytes)
+    return image, digest
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
@@ -429,6 +312,8 @@ def dream_config(config: JobConfig, *, batch_size: int | None = None, overwrite:
         raise ConfigError(f"{config.source}: output_shards: tar-shard outputs are written by "
                           f"`jaxdream run`")
     output_folder(config.output)
+    from jaxdream.planning import plan_items
+
     items, failures = plan_items(config)
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     for failure in failures:

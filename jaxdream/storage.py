@@ -17,6 +17,7 @@ fsspec is imported on first use: local-only work never pays for it.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -24,7 +25,7 @@ import os
 import posixpath
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -55,8 +56,18 @@ def is_url(text: str) -> bool:
     return isinstance(text, str) and bool(_URL.match(text))
 
 
+#: A URL that :func:`redact` would return unchanged: lower-case scheme and host, no user,
+#: port, query or fragment, printable ASCII (checked without parsing: a listing of a
+#: million objects redacts each URL three times).
+_PLAIN_URL = re.compile(r"[a-z][a-z0-9+.-]+://[a-z0-9._-]+"
+                        r"(/[!$%&'()*+,\-./0-9:;=A-Z\[\]^_`a-z{|}~]*)?")
+
+
+@functools.lru_cache(maxsize=64)  # planning redacts each listed URL three times in a row
 def redact(url: str) -> str:
     """``url`` without user name, password, query or fragment, safe to print and record."""
+    if _PLAIN_URL.fullmatch(url) and "//" not in url.split("://", 1)[1]:
+        return url
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -175,6 +186,12 @@ def known_identity(entry: str) -> str | None:
     return _IDENTITIES.get(entry)
 
 
+def take_identity(entry: str) -> str:
+    """:func:`known_identity`, forgotten here: a streamed plan carries it with its item, so
+    a listing of a million objects is not kept twice ("" if none was recorded)."""
+    return _IDENTITIES.pop(entry, "")
+
+
 def identity(url: str) -> str:
     """:func:`identity_of` an object, from its listing when it was listed, else one HEAD."""
     known = _IDENTITIES.get(url)
@@ -191,9 +208,22 @@ def identity(url: str) -> str:
 
 
 def expand_url(entry: str, name: str, extensions: Iterable[str]) -> list[str]:
-    """The object URLs an ``inputs`` entry names: a prefix (``s3://b/photos/``: its image
-    objects, by extension, sorted, not recursive), a glob on one, a list file, or one object.
-    Listing errors (no bucket, no access, nothing there) are ConfigErrors naming ``name``."""
+    """:func:`iter_url` as a list; each object's identity is recorded for planning
+    (:func:`known_identity`)."""
+    found = []
+    for url, text in iter_url(entry, name, extensions):
+        if text:
+            _IDENTITIES[url] = text
+        found.append(url)
+    return found
+
+
+def iter_url(entry: str, name: str, extensions: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """The object URLs an ``inputs`` entry names, each with its identity ("" for a URL on the
+    web or a list's line, not listed): a prefix (``s3://b/photos/``: its image objects, by
+    extension, sorted, not recursive), a glob on one, a list file, or one object. Listing
+    errors (no bucket, no access, nothing there) are ConfigErrors naming ``name``, raised
+    before the first URL; the URLs then come one by one, each identity made as it is taken."""
     exts = tuple(extensions)
     fs, path = filesystem(entry)
     web = entry.split("://", 1)[0] in ("http", "https")
@@ -202,37 +232,93 @@ def expand_url(entry: str, name: str, extensions: Iterable[str]) -> list[str]:
             infos = fs.glob(path, detail=True)
             empty = "matches no image object"
         elif not web and (entry.endswith("/") or fs.isdir(path)):
+            pages = _pages(fs, path)
+            if pages is not None:  # a store that lists page by page: stream it
+                yield from _paged(fs, pages, name, exts)
+                return
             infos = {info["name"]: info for info in fs.ls(path, detail=True)}
             empty = "holds no image object"
         elif posixpath.splitext(urlsplit(entry).path)[1].lower() in LIST_SUFFIXES:
             found = read_list(entry, name)
             if not found:
                 raise ConfigError(f"{name} lists no file")
-            return found
+            yield from ((url, "") for url in found)
+            return
         else:
-            if not web:
-                identity_text = identity_of(entry, fs.info(path))
-                _IDENTITIES[entry] = identity_text
-            return [entry]
+            text = "" if web else identity_of(entry, fs.info(path))
+            yield entry, text
+            return
     except StorageError as error:
         raise ConfigError(str(error)) from None
     except JaxdreamError:
         raise
     except Exception as error:  # noqa: BLE001 - gcsfs raises its own HttpError too
         raise ConfigError(f"{name}: {reason(error, entry)}") from None
-    found = []
-    for key in sorted(infos):
-        info = infos[key]
-        if info.get("type") != "file" or not key.lower().endswith(exts):
-            continue
-        url = fs.unstrip_protocol(key)
-        _IDENTITIES[url] = identity_of(url, info)
-        found.append(url)
-    if not found:
+    keys = sorted(key for key, info in infos.items()
+                  if info.get("type") == "file" and key.lower().endswith(exts))
+    if not keys:
         if not infos and _no_bucket(entry):  # a glob on a missing bucket matches nothing
             raise ConfigError(f"{name}: the bucket does not exist")
         raise ConfigError(f"{name} {empty}")
-    return found
+    for key in keys:
+        url = fs.unstrip_protocol(key)
+        yield url, identity_of(url, infos[key])
+
+
+#: Objects taken from a store's listing at a time (S3 returns pages of 1000).
+LIST_BATCH = 1000
+
+
+def _pages(fs: Any, path: str) -> Iterator[list[dict[str, Any]]] | None:
+    """The objects directly under ``path`` in batches as the store returns them, for a store
+    whose filesystem can list page by page (s3fs's ``_iterdir``), else None. S3 lists keys in
+    order (UTF-8 bytes, which is the order of Python's ``sorted``), so the batches need no
+    sorting; the first comes after one request, not after the whole listing."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    iterdir = getattr(fs, "_iterdir", None)
+    if "s3" not in protocols or iterdir is None:  # s3fs's own paged listing, else none
+        return None
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+    listing = iterdir(bucket, prefix=key.rstrip("/") + "/" if key else "", delimiter="/")
+
+    async def batch() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        try:
+            while len(found) < LIST_BATCH:
+                found.append(await listing.__anext__())
+        except StopAsyncIteration:
+            pass
+        return found
+
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        while found := sync(fs.loop, batch):
+            yield found
+
+    return batches()
+
+
+def _paged(fs: Any, pages: Iterator[list[dict[str, Any]]], name: str,
+           exts: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """:func:`iter_url` of a prefix listed page by page; the errors of any page are
+    ConfigErrors naming ``name``."""
+    any_found = False
+    while True:
+        try:
+            page = next(pages, None)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{name}: {reason(error)}") from None
+        if page is None:
+            break
+        for info in page:
+            key = info["name"]
+            if info.get("type") == "file" and key.lower().endswith(exts):
+                any_found = True
+                url = fs.unstrip_protocol(key)
+                yield url, identity_of(url, info)
+    if not any_found:
+        raise ConfigError(f"{name} holds no image object")
 
 
 def read_list(where: str, name: str) -> list[str]:

@@ -291,18 +291,18 @@ def test_bad_inputs_and_a_crashing_unit_are_recorded_and_the_rest_render(
 
     # One item whose recipe names a layer the model lacks: the worker's engine raises, which
     # is a bug in the caller, and must cost that unit's items only.
-    import jaxdream.render
+    import jaxdream.planning
 
-    real_plan = jaxdream.render.plan_items
+    real_plan = jaxdream.planning.plan_stream
 
-    def plan_with_a_broken_item(config: Any) -> tuple[list[WorkItem], list[Outcome]]:
-        items, unreadable = real_plan(config)
-        index = next(i for i, item in enumerate(items) if item.input.endswith("photo_001.png"))
-        broken = dataclasses.replace(items[index].recipe, layers=(("no_such_layer", 1.0),))
-        items[index] = dataclasses.replace(items[index], recipe=broken)
-        return items, unreadable
+    def plan_with_a_broken_item(config: Any) -> Iterator[WorkItem | Outcome]:
+        for item in real_plan(config):
+            if isinstance(item, WorkItem) and item.input.endswith("photo_001.png"):
+                broken = dataclasses.replace(item.recipe, layers=(("no_such_layer", 1.0),))
+                item = dataclasses.replace(item, recipe=broken)
+            yield item
 
-    monkeypatch.setattr(jaxdream.render, "plan_items", plan_with_a_broken_item)
+    monkeypatch.setattr(jaxdream.planning, "plan_stream", plan_with_a_broken_item)
     lines: list[str] = []
     summary = jobs.run_job(config, address=cluster.address, progress=False, say=lines.append)
     assert (summary.planned, summary.done, summary.failed, summary.exit_status) == (8, 5, 3, 1)

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -268,7 +269,12 @@ def test_a_job_from_a_bucket_to_a_bucket_resumes_from_the_prefix(s3: dict[str, s
         assert errors == [line for line in errors if "s3://photos/job/in/broken.png" in line]
         assert len(errors) == 1, first.stderr
         outputs = [key for key in _keys("job/out/") if key.endswith(".png")]
-        assert outputs == [f"job/out/photo_{i}_dream.png" for i in range(4)]
+        # Listed inputs are named by themselves alone: stem, then a digest of the URL.
+        from jaxdream.planning import output_stem
+
+        stems = [output_stem(f"s3://photos/job/in/photo_{i}.png", True) for i in range(4)]
+        assert all(re.fullmatch(f"photo_{i}_[0-9a-f]{{8}}", stem) for i, stem in enumerate(stems))
+        assert outputs == [f"job/out/{stem}_dream.png" for stem in stems]
         assert _keys("job/out/manifest") == ["job/out/manifest.jsonl"]  # parts compacted
         rows = _manifest("job/out/manifest.jsonl")
         assert len(rows) == 5 and sum(row["status"] == "done" for row in rows) == 4
@@ -607,3 +613,37 @@ def test_a_file_that_is_not_parquet_is_one_config_line(tmp_path: Path) -> None:
                                           r"Parquet file") as error:
         expand_inputs([str(tmp_path / "fake.parquet")], source="inputs")
     assert "\n" not in str(error.value)
+
+
+def test_a_prefix_is_listed_page_by_page_and_its_first_objects_come_at_once(
+        s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket of a million objects is a thousand listing requests: the first inputs come
+    out after the first page, not after the last."""
+    import s3fs
+
+    from jaxdream.storage import iter_url
+
+    for index in range(5):
+        _put(f"paged/in/p{index}.png", b"x")
+    _put("paged/in/notes.md", b"not an image")
+    pages: list[int] = []
+    real = s3fs.S3FileSystem._list_pages
+
+    async def small_pages(self: Any, method: str, **kwargs: Any) -> Any:
+        kwargs["MaxKeys"] = 2
+        async for page in real(self, method, **kwargs):
+            pages.append(len(page.get("Contents", [])))
+            yield page
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_list_pages", small_pages)
+    monkeypatch.setattr("jaxdream.storage.LIST_BATCH", 2)
+    _clear_fs_cache()
+    listing = iter_url("s3://photos/paged/in/", "inputs[0]", (".png",))
+    first, identity = next(listing)
+    assert first == "s3://photos/paged/in/p0.png" and '"etag"' in identity
+    assert len(pages) == 1
+    rest = [url for url, _ in listing]
+    assert rest == [f"s3://photos/paged/in/p{index}.png" for index in range(1, 5)]
+    assert len(pages) == 3
+    with pytest.raises(ConfigError, match="the bucket does not exist"):
+        list(iter_url("s3://no-such-bucket/in/", "inputs[0]", (".png",)))

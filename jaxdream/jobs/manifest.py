@@ -26,7 +26,7 @@ import datetime
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,15 +62,39 @@ def _read_manifest(path: Path) -> tuple[list[dict[str, Any]], bool]:
 def parse_rows(data: bytes) -> list[dict[str, Any]]:
     """The rows of manifest text (a file or a part object): every line that is a JSON object
     with an id; a torn or foreign line is skipped."""
-    rows: list[dict[str, Any]] = []
-    for line in data.splitlines():
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if isinstance(row, dict) and isinstance(row.get("id"), str):
-            rows.append(row)
-    return rows
+    return [row for row in map(parse_row, data.splitlines()) if row is not None]
+
+
+def parse_row(line: bytes) -> dict[str, Any] | None:
+    """One manifest line's row, or None for a torn or foreign line."""
+    try:
+        row = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("id"), str) else None
+
+
+def done_keys(lines: Iterable[bytes], exists: Callable[[str], bool]) -> set[tuple[str, str]]:
+    """:func:`finished_rows`, keys only, from manifest lines read as they come (a resumed job
+    of a million items keeps no row): (id, output) of each item whose last row with an output
+    says done and whose output (or the tar shard holding it, :func:`stored_as`) ``exists``."""
+    latest: dict[tuple[str, str], str | None] = {}  # item -> where it is stored, if done
+    for row in map(parse_row, lines):
+        if row is not None and isinstance(row.get("output"), str):
+            latest[(row["id"], row["output"])] = (
+                stored_as(row) if row.get("status") == "done" else None)
+    return {key for key, stored in latest.items() if stored is not None and exists(stored)}
+
+
+def finished_keys(path: Path, outdir: Path) -> set[tuple[str, str]]:
+    """:func:`done_keys` of the manifest file at ``path``; an empty set when there is none."""
+    try:
+        with open(path, "rb") as lines:
+            return done_keys(lines, lambda output: (outdir / output).is_file())
+    except FileNotFoundError:
+        return set()
+    except OSError as error:
+        raise JobError(f"{path}: cannot read the manifest: {error.strerror or error}") from None
 
 
 def stored_as(row: Mapping[str, Any]) -> str | None:
@@ -104,7 +128,10 @@ def item_key(item: WorkItem, outdir: Path) -> tuple[str, str]:
     The id alone does not: two copies of one photo in a dataset have the same content, hence
     the same id, but each has its own output.
     """
-    return item.id, os.path.relpath(item.output, outdir)
+    output = item.output
+    if output.parent == outdir:  # the usual case, without relpath's two getcwd calls
+        return item.id, output.name
+    return item.id, os.path.relpath(output, outdir)
 
 
 def finished_rows(rows: Iterable[Mapping[str, Any]], outdir: Path
@@ -168,24 +195,42 @@ def _manifest_error(path: Path, error: OSError) -> JobError:
                     f"this is fixed")
 
 
-def compact_manifest(path: Path, outdir: Path) -> list[Mapping[str, Any]]:
+def compact_manifest(path: Path, outdir: Path) -> None:
     """Rewrites the manifest as :func:`compact_rows` of itself when that drops anything (or
-    the file holds a torn line); returns the rows. Only under the output folder's lock."""
-    rows, clean = _read_manifest(path)
-    kept = compact_rows(rows, outdir)
-    if clean and len(kept) == len(rows):
-        return kept
+    the file holds a torn line). Only under the output folder's lock. The file is read twice,
+    line by line, and no row is kept in memory (a manifest of a million rows is a gigabyte of
+    dictionaries): once to find each item's last line, once to copy the lines kept."""
+    last: dict[tuple[str, str], tuple[int, bool]] = {}  # item -> (its last line, kept?)
+    lines = 0
+    clean = True
+    try:
+        with open(path, "rb") as file:
+            for lines, line in enumerate(file, 1):
+                row = parse_row(line)
+                if row is None or not line.endswith(b"\n"):
+                    clean = False
+                if row is not None:
+                    stored = stored_as(row)  # the output, or the tar shard holding it
+                    gone = row.get("status") == "done" and not (
+                        stored is not None and (outdir / stored).is_file())
+                    last[_row_key(row)] = (lines, not gone)
+    except FileNotFoundError:
+        return
+    kept = {number for number, keep in last.values() if keep}
+    if clean and len(kept) == lines:
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.writelines(_dumps(row) for row in kept)
+        with open(path, "rb") as source, open(tmp, "wb") as file:
+            for number, line in enumerate(source, 1):
+                if number in kept:
+                    file.write(line if line.endswith(b"\n") else line + b"\n")
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return kept
 
 
 def _dumps(row: Mapping[str, Any]) -> str:

@@ -4,27 +4,29 @@ The same plan, units, workers and retries as :func:`jaxdream.jobs.run.run_job`; 
 is where things are. Workers upload each PNG as one whole object under its deterministic name
 (a retried unit PUTs the same bytes under the same name); the manifest is parts beside the
 outputs (:mod:`.parts`), compacted into ``manifest.jsonl`` at the end; ``resume`` lists the
-prefix once and reads the manifest from it, so it works from any machine that can read the
-prefix. No node needs a shared folder. Before anything renders, a small object is written
-and removed under the prefix, so a missing bucket, wrong credentials or a forbidden prefix
-stop the job with one line (ConfigError, exit status 2); then the prefix is locked
-(``PREFIX/.jaxdream.lock``, created with a create-only PUT, see :mod:`jaxdream.outdir`), so that
-two drivers never compact one manifest. Contact sheets and the gallery are not written for
-such outputs.
+prefix once and reads the manifest from it (as a stream, keeping keys, not rows), so it works
+from any machine that can read the prefix. Units go out as the inputs are listed. No node
+needs a shared folder. Before anything renders, a small object is written and removed under
+the prefix, so a missing bucket, wrong credentials or a forbidden prefix stop the job with one
+line (ConfigError, exit status 2); then the prefix is locked (``PREFIX/.jaxdream.lock``,
+created with a create-only PUT, see :mod:`jaxdream.outdir`), so that two drivers never compact
+one manifest. Contact sheets and the gallery are not written for such outputs.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from jaxdream.jobs.manifest import MANIFEST_NAME, item_key
-from jaxdream.jobs.parts import PartsWriter, read_remote_manifest, remote_finished
-from jaxdream.jobs.run import schedule
+from jaxdream.jobs.manifest import MANIFEST_NAME
+from jaxdream.jobs.parts import (PartsWriter, manifest_objects, read_remote_manifest,
+                                 remote_finished_keys, remote_lines)
+from jaxdream.jobs.run import Intake, schedule
 from jaxdream.jobs.scheduler import WORKER_WAIT_S, JobSummary
 from jaxdream.outdir import describe_holder
 from jaxdream.storage import check_writable, join, list_prefix, redact
@@ -58,27 +60,34 @@ def _run_locked(config: JobConfig, *, address: str | None, resume: bool, progres
                 on_rows: Callable[[list[dict[str, Any]]], None] | None,
                 worker_wait_s: float, start: float) -> JobSummary:
     """:func:`run_remote_job` once the prefix is locked."""
-    from jaxdream.render import plan_items
+    from jaxdream.planning import plan_stream
 
     prefix, outdir = config.output_url, config.output
-    items, unreadable = plan_items(config)
-    summary = JobSummary(planned=len(items) + len(unreadable),
-                         manifest=join(redact(prefix), MANIFEST_NAME))  # type: ignore[arg-type]
+    planned = iter(plan_stream(config))
+    first = next(planned, None)  # the first entry is listed (or refused) before anything else
+    summary = JobSummary(manifest=join(redact(prefix), MANIFEST_NAME))  # type: ignore[arg-type]
 
-    finished: dict[tuple[str, str], Mapping[str, Any]] = {}
+    finished: dict[tuple[str, str], int] = {}
+    objects: list[str] = []
     if resume:
-        names = list_prefix(prefix, recursive=True)
-        planned = {item_key(item, outdir) for item in items}
-        finished = {key: row for key, row in
-                    remote_finished(read_remote_manifest(prefix, names), names).items()
-                    if key in planned}
-    todo = [item for item in items if item_key(item, outdir) not in finished]
-    summary.already_done = len(items) - len(todo)
-    if resume:
-        say(f"resuming: {summary.already_done} of {len(items)} item(s) already done")
+        names = set(list_prefix(prefix, recursive=True))  # names only, not the listing
+        objects = manifest_objects(names)
+        finished = remote_finished_keys(prefix, names)
+    kept: set[int] = set()  # lines of the rows of finished items that this job planned again
 
-    writer = PartsWriter(prefix, list(finished.values()))
-    schedule(config, todo, unreadable, writer, summary, address=address, say=say,
+    def planned_again(key: tuple[str, str]) -> None:
+        if key in finished:
+            kept.add(finished[key])
+
+    def kept_lines() -> Iterator[bytes]:
+        return (line for number, line in enumerate(remote_lines(prefix, objects))
+                if number in kept)
+
+    writer = PartsWriter(prefix, kept_lines)
+    intake = Intake(itertools.chain([first] if first is not None else [], planned),
+                    finished.keys(), writer, summary, outdir, say=say, resume=resume,
+                    on_item=planned_again)
+    schedule(config, intake, writer, summary, address=address, say=say,
              progress=progress, on_rows=on_rows, worker_wait_s=worker_wait_s)
     writer.compact()
     if config.output_shards:  # tar shards: shards/index.json, and no shard left unnamed

@@ -1,10 +1,12 @@
-"""Running a job to the end: plan, resume, connect, schedule, sheets and gallery."""
+"""Running a job to the end: plan (as a stream), resume, connect, schedule, sheets and
+gallery."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,7 @@ from tqdm import tqdm
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import clean_temporaries, display
 from jaxdream.jobs.manifest import (
-    MANIFEST_NAME, ManifestWriter, compact_manifest, finished_rows, item_key, make_row,
+    MANIFEST_NAME, ManifestWriter, compact_manifest, finished_keys, item_key, make_row,
     read_manifest, unreadable_id,
 )
 from jaxdream.jobs.pool import connect
@@ -33,17 +35,19 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     """Runs a job config to the end and returns what it did.
 
     Per-item problems (a bad image, a failed write) are rows with a reason, never exceptions.
-    Raises ConfigError for a bad config (before anything starts) and JobError when the job as
-    a whole cannot go on (no cluster, no worker, an unwritable manifest); in every case the
-    outputs already written are complete and the manifest lists them, so ``resume`` finishes
-    the job. ``on_rows`` sees each batch of manifest rows once it is on disk.
+    Raises ConfigError for a bad config (before anything starts; an input entry after the
+    first is listed while the job runs, and one that matches nothing stops it there) and
+    JobError when the job as a whole cannot go on (no cluster, no worker, an unwritable
+    manifest); in every case the outputs already written are complete and the manifest lists
+    them, so ``resume`` finishes the job. ``on_rows`` sees each batch of manifest rows once it
+    is on disk. Units are sent as the inputs are listed (:mod:`jaxdream.planning`).
 
     The output folder is locked for the whole job: a second job on it raises OutputBusy naming
     this one. ``force`` allows the filesystem root or the home folder as the output; for an
     object-store prefix it takes over the prefix's lock, whoever holds it.
     """
     from jaxdream.outdir import claim, refuse_dangerous
-    from jaxdream.render import plan_items
+    from jaxdream.planning import plan_stream
 
     if config.output_url:  # an object-store prefix: no folder, the manifest in parts
         from jaxdream.jobs.remote import run_remote_job
@@ -60,38 +64,33 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
             return run_motion_job(config, address=address, resume=resume, progress=progress,
                                   say=say, worker_wait_s=worker_wait_s)
     start = time.perf_counter()
-    items, unreadable = plan_items(config)
+    planned = plan_stream(config)
     with claim(config.output, "jaxdream run", force=force):
-        return _run_locked(config, items, unreadable, address=address, resume=resume,
+        return _run_locked(config, planned, address=address, resume=resume,
                            progress=progress, say=say, on_rows=on_rows,
                            worker_wait_s=worker_wait_s, start=start)
 
 
-def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outcome], *,
+def _run_locked(config: JobConfig, planned: Iterable[WorkItem | Outcome], *,
                 address: str | None, resume: bool, progress: bool, say: Callable[[str], None],
                 on_rows: Callable[[list[dict[str, Any]]], None] | None,
                 worker_wait_s: float, start: float) -> JobSummary:
     """:func:`run_job` once the output folder is locked."""
     outdir = config.output
-    summary = JobSummary(planned=len(items) + len(unreadable), manifest=outdir / MANIFEST_NAME)
-
-    finished: dict[tuple[str, str], Mapping[str, Any]] = {}
-    if resume:
-        planned = {item_key(item, outdir) for item in items}
-        finished = {key: row for key, row in
-                    finished_rows(read_manifest(summary.manifest), outdir).items()
-                    if key in planned}
-        clean_temporaries(item.output for item in items)
-    todo = [item for item in items if item_key(item, outdir) not in finished]
-    summary.already_done = len(items) - len(todo)
-    if resume:
-        say(f"resuming: {summary.already_done} of {len(items)} item(s) already done")
-
+    summary = JobSummary(manifest=outdir / MANIFEST_NAME)
+    # The first entry is listed before anything is written: a config error leaves no trace.
+    planned = iter(planned)
+    first = next(planned, None)
+    planned = itertools.chain([first] if first is not None else [], planned)
+    finished = finished_keys(summary.manifest, outdir) if resume else set()
+    items: list[WorkItem] = []  # for the contact sheets and the gallery
     writer = ManifestWriter(summary.manifest, outdir)
     try:
-        schedule(config, todo, unreadable, writer, summary, address=address, say=say,
+        intake = Intake(planned, finished, writer, summary, outdir, say=say, resume=resume,
+                        keep=items)
+        schedule(config, intake, writer, summary, address=address, say=say,
                  progress=progress, on_rows=on_rows, worker_wait_s=worker_wait_s)
-        clean_temporaries(item.output for item in todo)
+        clean_temporaries(item.output for item in items)
     finally:
         writer.close()
     try:  # each item's last row is what counts; keep one, so the manifest reads simply
@@ -107,27 +106,78 @@ def _run_locked(config: JobConfig, items: list[WorkItem], unreadable: list[Outco
     return summary
 
 
-def schedule(config: JobConfig, todo: Sequence[WorkItem], unreadable: Sequence[Outcome],
-             writer: Any, summary: JobSummary, *, address: str | None,
-             say: Callable[[str], None], progress: bool,
+class Intake:
+    """The plan, as the scheduler takes it: items still to do. On the way it counts what was
+    planned, leaves out what ``finished`` holds (``--resume``: (id, output) keys, see
+    :func:`jaxdream.jobs.manifest.item_key`), and writes a failed row for each input that
+    could not be planned (in batches: a row lost with a killed driver is planned again)."""
+
+    #: Failed rows written at a time.
+    BATCH = 512
+
+    def __init__(self, planned: Iterable[WorkItem | Outcome],
+                 finished: Container[tuple[str, str]],
+                 writer: Any, summary: JobSummary, outdir: Path, *,
+                 say: Callable[[str], None], resume: bool,
+                 keep: list[WorkItem] | None = None,
+                 on_item: Callable[[tuple[str, str]], None] | None = None) -> None:
+        self.planned, self.finished, self.writer = planned, finished, writer
+        self.summary, self.outdir, self.say, self.resume = summary, outdir, say, resume
+        self.keep, self.on_item = keep, on_item
+        self.failures: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        from jaxdream.render import Outcome
+
+        items = 0
+        for planned in self.planned:
+            self.summary.planned += 1
+            if isinstance(planned, Outcome):
+                self._failed(planned)
+                continue
+            items += 1
+            if self.keep is not None:
+                self.keep.append(planned)
+            key = item_key(planned, self.outdir)
+            if self.on_item is not None:
+                self.on_item(key)
+            if key in self.finished:
+                self.summary.already_done += 1
+            else:
+                yield planned
+        self._flush()
+        if self.resume:
+            self.say(f"resuming: {self.summary.already_done} of {items} item(s) already done")
+
+    def _failed(self, outcome: Outcome) -> None:
+        row = make_row(None, outcome, unreadable_id(outcome.input), self.outdir)
+        self.say(f"error: {display(row['error'])}")
+        self.summary.failed += 1
+        self.failures.append(row)
+        if len(self.failures) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        rows, self.failures = self.failures, []
+        self.writer.append(rows)
+
+
+def schedule(config: JobConfig, todo: Iterable[WorkItem], writer: Any, summary: JobSummary,
+             *, address: str | None, say: Callable[[str], None], progress: bool,
              on_rows: Callable[[list[dict[str, Any]]], None] | None,
              worker_wait_s: float) -> None:
-    """Records the inputs that could not be read, then renders ``todo`` on Ray workers
-    (connecting, or starting a private Ray, only when there is work), rows into ``writer``."""
-    outdir = config.output
-    failures = [make_row(None, outcome, unreadable_id(outcome.input), outdir)
-                for outcome in unreadable]
-    for row in failures:
-        say(f"error: {display(row['error'])}")
-    writer.append(failures)
-    summary.failed += len(failures)
-    if not todo:
+    """Renders ``todo`` (an :class:`Intake`, or any iterable of items) on Ray workers,
+    connecting (or starting a private Ray) only when there is work, rows into ``writer``."""
+    source = iter(todo)
+    first = next(source, None)  # plans until the first item to do, or the end of the plan
+    if first is None:
         return
     started = connect(address)
     scheduler: Scheduler | None = None
     try:
-        scheduler = Scheduler(config, list(todo), writer, summary, say=say, progress=progress,
-                              on_rows=on_rows, worker_wait_s=worker_wait_s)
+        scheduler = Scheduler(config, itertools.chain([first], source), writer, summary,
+                              say=say, progress=progress, on_rows=on_rows,
+                              worker_wait_s=worker_wait_s)
         scheduler.run()
     finally:
         if scheduler is not None:

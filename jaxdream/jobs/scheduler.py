@@ -1,9 +1,13 @@
 """Scheduling a job's work: units, the queue, dispatch to the workers, retries, and the rows
 each finished unit adds to the manifest.
 
-The items still to do are cut into units (:func:`make_units`); the scheduler keeps up to
-:data:`UNITS_PER_WORKER` units on each ready worker, and a unit lost with its worker goes back to
-the front of the queue, at most ``retries`` times. A unit's rows are written once its outcomes
+The items still to do come in as an iterable (a plan that is still being listed, see
+:func:`jaxdream.planning.plan_stream`): the scheduler takes :data:`INTAKE` of them at a time,
+cuts them into units (:func:`make_units`) and takes more only when its queue runs short, so the
+first unit goes out while a bucket of a million objects is still being listed and the driver
+never holds the whole plan. It keeps up to :data:`UNITS_PER_WORKER` units on each ready
+worker, and a unit lost with its worker goes back to the front of the queue, at most
+``retries`` times. A unit's rows are written once its outcomes
 are back and its outputs visible, each item once however many times it was rendered.
 """
 
@@ -12,11 +16,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import itertools
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +45,11 @@ UNITS_PER_WORKER = 2
 #: up on the units left. Generous: an autoscaling cluster may take minutes to add a GPU node.
 WORKER_WAIT_S = 900.0
 
+#: Items taken from the plan at a time. A job with at most this many items is cut into units
+#: all at once (sorted, sized to the workers); a larger one a chunk at a time, as the queue
+#: runs short: planning cost ahead of the workers stays small, and so does the driver.
+INTAKE = 4096
+
 _DISK_FULL = os.strerror(errno.ENOSPC)
 
 
@@ -60,12 +70,13 @@ def _static_key(item: WorkItem) -> str:
     return repr((recipe.model, static_settings(recipe), recipe.max_side))
 
 
-def make_units(items: Sequence[WorkItem], unit_size: int) -> list[Unit]:
+def make_units(items: Sequence[WorkItem], unit_size: int, first: int = 0) -> list[Unit]:
     """Cuts items into units of at most ``unit_size``, never mixing static settings.
 
     Items are sorted by their static settings (model, layers, octaves, steps, max side), then
     by input: a worker then renders a unit with one engine, and photos from one folder, which
-    tend to share a size and so a shape bucket, travel together.
+    tend to share a size and so a shape bucket, travel together. Units are numbered from
+    ``first``.
     """
     if unit_size < 1:
         raise ValueError(f"unit_size must be at least 1, got {unit_size}")
@@ -76,7 +87,7 @@ def make_units(items: Sequence[WorkItem], unit_size: int) -> list[Unit]:
     for key in sorted(groups):
         members = sorted(groups[key], key=lambda item: (item.input, str(item.output)))
         for start in range(0, len(members), unit_size):
-            units.append(Unit(len(units), tuple(members[start:start + unit_size])))
+            units.append(Unit(first + len(units), tuple(members[start:start + unit_size])))
     return units
 
 
@@ -124,16 +135,20 @@ class Scheduler:
     """Streams units to the pool's workers, collects results, retries lost units, and writes
     the manifest rows."""
 
-    def __init__(self, config: JobConfig, todo: Sequence[WorkItem], writer: ManifestWriter,
+    def __init__(self, config: JobConfig, todo: Iterable[WorkItem], writer: ManifestWriter,
                  summary: JobSummary, *, say: Callable[[str], None], progress: bool,
                  on_rows: Callable[[list[dict[str, Any]]], None] | None,
                  worker_wait_s: float) -> None:
         self.config = config
         self.settings = config.job
         self.outdir = config.output
-        self.todo = list(todo)
+        self.source = iter(todo)
+        self.exhausted = False  #: the plan has no more items
+        self.taken = 0  #: items taken from the plan so far
+        self.unit_size = self.settings.unit_size
+        self.todo = self._take()  # the whole job when it is small (self.exhausted)
         self.queue: collections.deque[Unit] = collections.deque(
-            make_units(todo, self.settings.unit_size))
+            make_units(self.todo, self.unit_size))
         self.writer = writer
         self.summary = summary
         self.say = say
@@ -145,18 +160,40 @@ class Scheduler:
         self.recorded: set[tuple[str, str]] = set()
         # In a log (ray job logs, CI) every refresh is a line: refresh rarely there.
         interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=len(todo), unit="img", desc="dreaming",
-                        disable=not progress or not todo, file=sys.stderr, dynamic_ncols=True,
+        self.bar = tqdm(total=self.taken if self.exhausted else None, unit="img",
+                        desc="dreaming", disable=not progress or not self.todo,
+                        file=sys.stderr, dynamic_ncols=True,
                         mininterval=0.5 if interactive else 15.0)
+
+    def _take(self) -> list[WorkItem]:
+        """The next :data:`INTAKE` items of the plan (fewer at its end)."""
+        chunk = list(itertools.islice(self.source, INTAKE))
+        self.taken += len(chunk)
+        if len(chunk) < INTAKE:
+            self.exhausted = True
+            if hasattr(self, "bar"):
+                self.bar.total = self.taken
+                self.bar.refresh()
+        return chunk
+
+    def _top_up(self) -> None:
+        """Plans more units when the queue runs short of what the workers can take."""
+        if not self.exhausted and len(self.queue) <= 2 * UNITS_PER_WORKER * max(
+                1, len(self.pool.workers)):
+            numbered = self.queue[-1].index + 1 if self.queue else self.taken
+            self.queue.extend(make_units(self._take(), self.unit_size, numbered))
 
     def start_workers(self) -> None:
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        plan = plan_workers(self.settings, ray.cluster_resources(), nodes, len(self.todo))
-        # A job smaller than workers x unit_size is cut finer, so that every worker has a
-        # share: three photos on three GPUs are three units, not one.
-        size = min(self.settings.unit_size, math.ceil(len(self.todo) / plan.count))
-        self.queue = collections.deque(make_units(self.todo, size))
-        plan = dataclasses.replace(plan, count=min(plan.count, len(self.queue)))
+        known = len(self.todo) if self.exhausted else sys.maxsize
+        plan = plan_workers(self.settings, ray.cluster_resources(), nodes, known)
+        if self.exhausted:
+            # A job smaller than workers x unit_size is cut finer, so that every worker has a
+            # share: three photos on three GPUs are three units, not one.
+            size = min(self.unit_size, math.ceil(len(self.todo) / plan.count))
+            self.queue = collections.deque(make_units(self.todo, size))
+            plan = dataclasses.replace(plan, count=min(plan.count, len(self.queue)))
+        self.todo = []  # the units hold the items now
         self.summary.workers = plan.describe()
         self.pool.start(plan, self.config, self.settings.retries)
 
@@ -174,11 +211,12 @@ class Scheduler:
     def run(self) -> None:
         self.start_workers()
         self.bar.set_postfix_str(self._status())
-        while self.queue or self.pending:
+        while self.queue or self.pending or not self.exhausted:
             if self.summary.stopped and not self.pending:
                 break
             self.pool.reprobe()
             if not self.summary.stopped:
+                self._top_up()
                 self._dispatch()
             if not self.pending and not self.pool.probes:  # dead, or waiting to ask again
                 self._check_workers()
@@ -195,6 +233,9 @@ class Scheduler:
             self._check_workers()
             self.bar.set_postfix_str(self._status(), refresh=False)
         left = sum(len(unit.items) for unit in self.queue)
+        if not self.exhausted:  # stopped early: what was never planned is not run either
+            left += sum(1 for _ in self.source)
+            self.exhausted = True
         self.summary.not_run += left
 
     def _status(self) -> str:
@@ -250,7 +291,7 @@ class Scheduler:
         The units left are not the items' fault: they get no rows, and a later --resume
         renders them.
         """
-        if not self.queue or self.summary.stopped:
+        if (not self.queue and self.exhausted) or self.summary.stopped:
             return
         if self.pool.all_dead():
             self.summary.stopped = f"no worker left (last: {self.pool.last_death})"
