@@ -423,6 +423,19 @@ def bench(args: argparse.Namespace) -> None:
                     if f"prototype {kind}" in figures:
                         ratio = figures[f"prototype {kind}"] / figures[f"jaxdream CLI {kind}"]
                         print(f"prototype / CLI, {kind}: {ratio:.2f}")
+            if args.warm_pairs:
+                # Warm runs are a few seconds: alternate more pairs to see through the noise.
+                ratios = []
+                for _ in range(args.warm_pairs):
+                    proto, _, _ = run_prototype(inputs, work / f"{name}_proto_cache_0",
+                                                args.keep / f"{name}_proto", args)
+                    cli, _, _ = run_cli(inputs, work / f"{name}_cli_cache_0",
+                                        args.keep / f"{name}_cli", args.max_side)
+                    ratios.append(proto / cli)
+                    print(f"warm pair: prototype {proto:.1f} s, CLI {cli:.1f} s, ratio "
+                          f"{proto / cli:.2f}", flush=True)
+                print(f"prototype / CLI, warm, median of {len(ratios)} pairs: "
+                      f"{statistics.median(ratios):.2f}")
             if name == "one" and args.seed_floor:
                 # The noise floor of the comparison: the engine against itself, another seed.
                 seconds, compiles, _ = run_cli(inputs, work / f"{name}_cli_cache_0",
@@ -456,6 +469,8 @@ def main() -> None:
     p.add_argument("--jobs", default="one,mixed")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warm-every-round", action="store_true")
+    p.add_argument("--warm-pairs", type=int, default=0,
+                   help="then this many alternating warm pairs per job (median ratio)")
     p.add_argument("--eager", action="store_true", help="also the eager PyTorch script")
     p.add_argument("--seed-floor", action="store_true",
                    help="also the CLI with --seed 1 on the single photo (image noise floor)")
