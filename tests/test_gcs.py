@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -352,7 +353,12 @@ def test_a_job_from_a_bucket_to_a_bucket_resumes_from_the_prefix(gcs: dict[str, 
         errors = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and f"gs://{BUCKET}/job/in/broken.png" in errors[0], first.stderr
         outputs = [key for key in _keys("job/out/") if key.endswith(".png")]
-        assert outputs == [f"job/out/photo_{i}_dream.png" for i in range(3)]
+        # Listed inputs are named by themselves alone: stem, then a digest of the URL.
+        from jaxdream.planning import output_stem
+
+        stems = [output_stem(f"gs://{BUCKET}/job/in/photo_{i}.png", True) for i in range(3)]
+        assert all(re.fullmatch(f"photo_{i}_[0-9a-f]{{8}}", stem) for i, stem in enumerate(stems))
+        assert outputs == [f"job/out/{stem}_dream.png" for stem in stems]
         assert [key for key in _keys("job/out/") if "manifest" in key] == [
             "job/out/manifest.jsonl"]  # parts compacted
         rows = _manifest("job/out/manifest.jsonl")
