@@ -101,6 +101,11 @@ def main() -> None:
         for name in names:
             spec = MODELS[name]
             layer = spec.default_layers
+            if name not in lite_configs and not hasattr(torchvision.models, name):
+                print(f"{name:20s} {layer:12s} skipped: no eager PyTorch model of it here "
+                      f"(torchvision has none; the Caffe networks' parity test has its own "
+                      f"transcription)", flush=True)
+                continue
             if name in lite_configs:
                 model = load_model(name)
                 forward = torch_lite(load_state_dict(model.weights_path), lite_configs[name],

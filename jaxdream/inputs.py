@@ -121,19 +121,30 @@ def iter_inputs(entries: Sequence[str], *, source: str = "inputs", lenient: bool
                 ) -> Iterator[tuple[str, str, str]]:
     """The inputs config entries name, as they are listed: (path, identity, "") each, without
     repeats (first spelling wins), where identity is what a listing recorded for an object, a
-    shard member or a table row ("" for a local file or a URL named on its own). Entries are
-    taken one at a time, so the first inputs of a bucket come out while the rest is listed.
-    An entry that matches nothing raises ConfigError when it is reached, or (``lenient``)
-    comes out as (entry, "", reason). See :func:`expand_inputs` for what an entry may be."""
-    seen: set[str] = set()
+    shard member or a table row ("" for a local file or a URL named on its own).
+
+    Every entry is opened before the first input comes out (a folder or glob listed, a
+    bucket's first page, a list file read, the first shard of a brace list), so an entry that
+    matches nothing raises ConfigError before anything renders, or (``lenient``) comes out as
+    (entry, "", reason). The rest of each listing is then taken as it comes, so the first
+    inputs of a bucket come out while the rest is listed. See :func:`expand_inputs` for what
+    an entry may be."""
+    opened: list[Iterator[tuple[str, str]] | str] = []  # each entry's listing, or its error
     for index, entry in enumerate(entries):
         try:
-            found = _expand_entry(entry, f"{source}[{index}]", lenient=lenient, outdir=outdir,
-                                  column=image_column)
+            found = iter(_expand_entry(entry, f"{source}[{index}]", lenient=lenient,
+                                       outdir=outdir, column=image_column))
+            first = next(found, None)  # a brace list opens its first member only here
         except ConfigError as error:
             if not lenient:
                 raise
-            yield entry, "", str(error)
+            opened.append(str(error))
+            continue
+        opened.append(itertools.chain([] if first is None else [first], found))
+    seen: set[str] = set()
+    for entry, found in zip(entries, opened, strict=True):
+        if isinstance(found, str):
+            yield entry, "", found
             continue
         for path, identity in found:
             key = path if is_url(path) else os.path.normpath(path)

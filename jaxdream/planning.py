@@ -246,7 +246,8 @@ def plan_stream(config: JobConfig) -> Iterator[WorkItem | Outcome]:
     a failed outcome for each input that cannot be planned; with ``config.lenient_inputs``
     an input entry that yields no image is one such failure too. A bad config (an entry that
     matches nothing, weights that do not match a recipe) raises ConfigError or JaxdreamError
-    when reached; the first entry is listed before the first item comes out."""
+    before the first item comes out: every entry is opened first (see
+    :func:`jaxdream.inputs.iter_inputs`), then listed as it is taken."""
     from jaxdream.inputs import iter_inputs
     from jaxdream.models import weights_sha256
 

@@ -158,6 +158,31 @@ def test_a_local_id_comes_from_path_size_and_mtime_not_from_the_bytes(
     assert touched.id not in (item.id, changed.id)
 
 
+def test_an_entry_that_matches_nothing_is_refused_before_the_first_item(
+        tmp_path: Path) -> None:
+    """Streaming must not turn a typo in the last input entry into a job stopped halfway:
+    every entry is opened before the first item comes out."""
+    from jaxdream.errors import ConfigError
+    from jaxdream.inputs import iter_inputs
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _photo(folder / "a.png")
+    _photo(folder / "b.png", 1)
+    config = load_config(write_config(tmp_path / "job.yaml",
+                                      [str(folder), str(tmp_path / "typo" / "*.png")],
+                                      tmp_path / "out"))
+    stream = plan_stream(config)
+    with pytest.raises(ConfigError, match=r"inputs\[1\]"):
+        next(stream)
+    # Lenient (INPUTs on the command line): the bad entry is one failure, in its place.
+    typo = str(tmp_path / "typo" / "*.png")
+    found = list(iter_inputs([typo, str(folder)], lenient=True))
+    assert [(path, bool(why)) for path, _, why in found] == [
+        (typo, True), (str(folder / "a.png"), False),
+        (str(folder / "b.png"), False)]
+
+
 def test_an_unplannable_local_input_fails_alone_with_its_reason(tmp_path: Path) -> None:
     good = _photo(tmp_path / "good.png")
     fifo = tmp_path / "pipe.png"

@@ -64,7 +64,7 @@ def _run_locked(config: JobConfig, *, address: str | None, resume: bool, progres
 
     prefix, outdir = config.output_url, config.output
     planned = iter(plan_stream(config))
-    first = next(planned, None)  # the first entry is listed (or refused) before anything else
+    first = next(planned, None)  # every entry is opened (or refused) before anything else
     summary = JobSummary(manifest=join(redact(prefix), MANIFEST_NAME))  # type: ignore[arg-type]
 
     finished: dict[tuple[str, str], int] = {}

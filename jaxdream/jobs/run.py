@@ -35,8 +35,8 @@ def run_job(config: JobConfig, *, address: str | None = None, resume: bool = Fal
     """Runs a job config to the end and returns what it did.
 
     Per-item problems (a bad image, a failed write) are rows with a reason, never exceptions.
-    Raises ConfigError for a bad config (before anything starts; an input entry after the
-    first is listed while the job runs, and one that matches nothing stops it there) and
+    Raises ConfigError for a bad config (before anything starts: every input entry is opened
+    before the first item is planned, then listed while the job runs) and
     JobError when the job as a whole cannot go on (no cluster, no worker, an unwritable
     manifest); in every case the outputs already written are complete and the manifest lists
     them, so ``resume`` finishes the job. ``on_rows`` sees each batch of manifest rows once it
@@ -78,7 +78,7 @@ def _run_locked(config: JobConfig, planned: Iterable[WorkItem | Outcome], *,
     """:func:`run_job` once the output folder is locked."""
     outdir = config.output
     summary = JobSummary(manifest=outdir / MANIFEST_NAME)
-    # The first entry is listed before anything is written: a config error leaves no trace.
+    # Every entry is opened before anything is written: a config error leaves no trace.
     planned = iter(planned)
     first = next(planned, None)
     planned = itertools.chain([first] if first is not None else [], planned)
