@@ -93,7 +93,7 @@ def shard_members(shard: str, name: str, extensions: frozenset[str]) -> list[str
     except (OSError, tarfile.TarError, JaxdreamError) as error:
         # A corrupt shard among a thousand is one bad input, not a bad config: the members
         # read so far are kept, and the rest is one input whose worker reports why.
-        why = getattr(error, "strerror", None) or storage.reason(error)
+        why = getattr(error, "strerror", None) or storage.reason(error, shard)
         entry = f"{shard}{MEMBER}"
         storage.register_identity(entry, json.dumps(
             {"shard": True, "path": storage.redact(shard), "member": "",
@@ -123,7 +123,7 @@ def read_member(entry: str, identity: dict[str, Any],
                 handle.seek(offset)
                 data = handle.read(size)
     except (OSError, JaxdreamError) as error:
-        raise ImageError(f"{name}: cannot read: {storage.reason(error)}") from None
+        raise ImageError(f"{name}: cannot read: {storage.reason(error, shard)}") from None
     if len(data) != size:
         raise ImageError(f"{name}: the shard ends inside this member (truncated, or changed "
                          f"since the job was planned)")

@@ -116,7 +116,7 @@ def table_inputs(where: str, name: str, column: str | None = None) -> list[str]:
         raise ConfigError(f"{name}: no such file {storage.redact(where)}") from None
     except Exception as error:  # noqa: BLE001 - pyarrow's errors are many kinds: one line
         raise ConfigError(f"{name}: {storage.redact(where)}: not a readable Parquet file "
-                          f"({storage.reason(error)})") from None
+                          f"({storage.reason(error, where)})") from None
     if not found:
         raise ConfigError(f"{name}: {storage.redact(where)} has no rows")
     return found
@@ -142,7 +142,7 @@ def read_row(entry: str, identity: dict[str, Any],
     except JaxdreamError:
         raise
     except Exception as error:  # noqa: BLE001 - one line, whatever pyarrow says
-        raise ImageError(f"{name}: cannot read: {storage.reason(error)}") from None
+        raise ImageError(f"{name}: cannot read: {storage.reason(error, where)}") from None
     if identity.get("field") and isinstance(value, dict):
         value = value.get(identity["field"])
     if not isinstance(value, bytes | bytearray):
