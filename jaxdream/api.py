@@ -373,7 +373,8 @@ def dream(image: ImageLike, *, model: str = "efficientnet_lite0",
     ``"block8:1,block10:2"``, a dict, or an objective such as ``layer("block8") +
     2 * layer("block10")``), ``octaves``, ``octave_scale``, ``steps``, ``step_size``,
     ``jitter``, ``seed``, ``max_side``, ``objective``, ``channels``, ``guide``,
-    ``normaliser``, ``update``, ``tile_size``, ``tile_above``.
+    ``normaliser``, ``update``, ``tile_size``, ``tile_above``, ``tiles`` (the opt-in tile
+    engine, :mod:`jaxdream.tiles`).
 
     Returns a :class:`DreamImage` (a PIL image that saves its recipe into the PNG) for a path
     or PIL input, and an array of the input's dtype for an array.

@@ -224,6 +224,10 @@ def make_engine(model: LoadedModel, settings: StaticSettings, tiles: int, batch_
     """The engine a recipe asks for: the tile engine for ``tiles > 0``, else the whole-image
     :class:`jaxdream.engine.Engine` with ``engine_options``."""
     if tiles:
+        dtype = engine_options.get("compute_dtype")
+        if dtype not in (None, "float32"):
+            raise ConfigError(f"tiles: the tile engine computes in float32; compute_dtype "
+                              f"{dtype!r} needs tiles 0")
         return TileEngine(model, settings, tiles, batch_size)
     from jaxdream.engine import Engine
 

@@ -135,3 +135,23 @@ def test_tiles_zero_keeps_old_recipes_json_and_ids() -> None:
     # and resumes (the pixels themselves: test_cli's byte-identical re-render test).
     assert item_id('{"path":"/x.jpg"}', recipe, "ab" * 32) == "bdee29e8f6ce4b1ff7f0cceb6b101584"
     assert "tiles" in dataclasses.replace(recipe, tiles=128).to_json(weights_sha256="ab" * 32)
+
+
+def test_the_python_api_dreams_with_the_tile_engine_too(tmp_path: Path) -> None:
+    from jaxdream.api import Dreamer
+    from jaxdream.cli import main
+    from jaxdream.images import read_recipe
+
+    settings = dict(max_side=64, octaves=2, steps=2, tiles=64)
+    dreamer = Dreamer(disk_cache=False)
+    out = dreamer.dream(str(EXAMPLES / "chelsea.jpg"), **settings)
+    assert out.recipe["tiles"] == 64 and dreamer.stats.programs <= 1
+    # The same pixels as `jaxdream dream --tiles 64`: one engine behind both.
+    assert main(["dream", str(EXAMPLES / "chelsea.jpg"), "-o", str(tmp_path), "--tiles", "64",
+                 *FAST]) == 0
+    cli = _pixels(tmp_path / "chelsea_dream.png")
+    np.testing.assert_array_equal(np.asarray(out), cli)
+    assert read_recipe(tmp_path / "chelsea_dream.png")["tiles"] == 64
+    with pytest.raises(ConfigError, match="tiles: .*float32"):
+        Dreamer(compute_dtype="bfloat16", disk_cache=False).dream(
+            str(EXAMPLES / "chelsea.jpg"), **settings)
