@@ -59,8 +59,11 @@ def resize_aligned(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     r0, r1, fr = axis(x.shape[0], shape[0])
     c0, c1, fc = axis(x.shape[1], shape[1])
     rows = x[r0] * (1 - fr)[:, None, None] + x[r1] * fr[:, None, None]
-    return (rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]).astype(
-        np.float32)
+    # Row-major, always: indexing the columns gives a transposed memory layout, which every
+    # later NumPy op keeps, and the step's mean |g| would be summed in another order (last
+    # bits) than for the same pixels laid out by rows.
+    return np.ascontiguousarray(rows[:, c0] * (1 - fc)[None, :, None]
+                                + rows[:, c1] * fc[None, :, None], dtype=np.float32)
 
 
 def draw_shift(rng: np.random.Generator, shape: tuple[int, int], jitter: int, tile: int
@@ -111,7 +114,7 @@ def dream_image(grad: TileGrad, image: np.ndarray, params: ItemParams,
     rng = np.random.default_rng(params.seed)
     shapes = octave_shapes(image.shape[0], image.shape[1], settings.octaves,
                            settings.octave_scale)
-    bases = [np.asarray(image, np.float32)]
+    bases = [np.ascontiguousarray(image, np.float32)]
     for shape in shapes[1:]:
         bases.append(resize_aligned(bases[-1], shape))
     x = bases[0]

@@ -65,6 +65,9 @@ def test_an_image_among_others_is_the_image_alone_and_one_program_serves_all_siz
     for image, item, out in zip(images, params, together, strict=True):
         assert out.shape == image.shape and np.abs(out - image).mean() > 0.5
         np.testing.assert_array_equal(out, alone.render([image], [item])[0])
+    # Nor does the input's memory layout change a bit (NumPy sums in memory order).
+    np.testing.assert_array_equal(together[1], alone.render([np.asfortranarray(images[1])],
+                                                            [params[1]])[0])
     assert alone.stats.programs == 0, "the process keeps the program"
 
 
