@@ -25,9 +25,11 @@ The dream (classic: 4 octaves x 1.4, 10 steps, step 1.5, jitter 32):
   empty slots, zero tiles with an all-false mask), then every image pastes its gradients and
   steps. Images in flight may be at different octaves; a finished image frees its place.
 
-This is NOT the product's engine and does not reproduce its pixels: the jitter comes from
-NumPy's generator and tiles see their own borders, so outputs differ from ``jaxdream dream``
-(the report compares them). ``bench`` runs each configuration as a fresh process: "cold" with
+Its math (resize, roll, tile program) is the package's opt-in tile engine, ``jaxdream dream
+--tiles T`` (:mod:`jaxdream.tiles`, batch 1, one image at a time); here the rounds pack the tiles
+of every image in flight into batches of B. It does not reproduce the default whole-image
+engine's pixels: the jitter comes from NumPy's generator and tiles see their own borders, so
+outputs differ from ``jaxdream dream`` without ``--tiles`` (the report compares them). ``bench`` runs each configuration as a fresh process: "cold" with
 an empty cache folder, "warm" with the same folder again, and the ``jaxdream dream`` CLI on the
 same inputs in the same command, with compile counts taken from JAX's monitoring events.
 """
@@ -78,19 +80,9 @@ CLASSIC = dict(octaves=4, scale=1.4, steps=10, step_size=1.5, jitter=32)
 
 
 # ------------------------------------------------------------------------------ NumPy parts
-def resize_aligned(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize with corner pixels aligned, no antialiasing (``ascent.resize_real``'s
-    and the notebook's ``scipy.ndimage.zoom(order=1)`` sampling), in NumPy."""
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / max(n_out - 1, 1))
-        lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (pos - lo).astype(np.float32)
-
-    r0, r1, fr = axis(x.shape[0], shape[0])
-    c0, c1, fc = axis(x.shape[1], shape[1])
-    rows = x[r0] * (1 - fr)[:, None, None] + x[r1] * fr[:, None, None]
-    return rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
+# The dream's math lives in the package now (``tiles: T`` in a recipe, jaxdream.tiles); this
+# prototype keeps its step-synchronous rounds over every image in flight, for batches B > 1.
+from jaxdream.tiles import draw_shift, resize_aligned  # noqa: E402
 
 
 class ImageDream:
@@ -118,11 +110,7 @@ class ImageDream:
 
         t = self.tile
         height, width = self.x.shape[:2]
-        jitter = CLASSIC["jitter"]
-        shift = self.rng.integers(-jitter, jitter + 1, 2)
-        for dim, length in enumerate((height, width)):
-            if length > t:  # move the tile grid too (the engine's tiled mode does the same)
-                shift[dim] += self.rng.integers(0, t)
+        shift = draw_shift(self.rng, (height, width), CLASSIC["jitter"], t)
         rolled = np.roll(self.x, (int(shift[0]), int(shift[1])), axis=(0, 1))
         th, tw = min(t, height), min(t, width)
         starts = [(r, c) for r in tile_starts(height, th) for c in tile_starts(width, tw)]
@@ -161,27 +149,17 @@ class ImageDream:
 
 # ------------------------------------------------------------------------------- JAX parts
 def tile_program(graphdef, layers: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    """jit(grad of the objective over a batch of tiles): (state, tiles, masks) -> grads."""
+    """jit(grad of the objective over a batch of tiles): (state, tiles, masks) -> grads, the
+    package's tile program (jaxdream.tiles) with classic L2 terms of weight 1 bound."""
     import jax
 
-    from jaxdream.objectives import TermParams, evaluate
-    from flax import nnx
+    from jaxdream.objectives import TermParams
+    from jaxdream.tiles import tile_program as package_program
 
-    structure = tuple(("l2", name) for name in layers)
     terms = tuple(TermParams(np.float32(1.0), np.zeros((0,), np.float32),
                              np.zeros((0, 0), np.float32)) for _ in layers)
-
-    def grads(state, tiles, masks):  # type: ignore[no-untyped-def]
-        model = nnx.merge(graphdef, state)
-
-        def objective(batch):  # type: ignore[no-untyped-def]
-            # tiles=True: every tile's sum over its full feature map, so every real feature of
-            # an image weighs the same whichever tile (and batch) it falls in.
-            return evaluate(structure, model(batch, layers), terms, masks, tiles=True)
-
-        return jax.grad(objective)(tiles)
-
-    return jax.jit(grads)
+    program = package_program(graphdef, tuple(("l2", name) for name in layers))
+    return jax.jit(lambda state, tiles, masks: program(state, tiles, masks, terms))
 
 
 def build_program(model, tile: int, batch: int, cache: Path | None):  # type: ignore[no-untyped-def]

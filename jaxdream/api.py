@@ -237,16 +237,19 @@ class Dreamer:
         return total
 
     def _engine(self, recipe: Any) -> Any:
-        from jaxdream.engine import Engine, default_batch_size
+        from jaxdream.engine import default_batch_size
 
         from jaxdream.engine import static_settings
 
-        settings = static_settings(recipe)
-        if settings not in self._engines:
-            self._engines[settings] = Engine(
-                self.model, settings, batch_size=self.batch_size or default_batch_size(),
+        from jaxdream.tiles import make_engine
+
+        key = (static_settings(recipe), recipe.tiles)
+        if key not in self._engines:
+            # tiles > 0: the tile engine (jaxdream.tiles), as `jaxdream dream` chooses it.
+            self._engines[key] = make_engine(
+                self.model, key[0], recipe.tiles, self.batch_size or default_batch_size(),
                 compute_dtype=self.compute_dtype)
-        return self._engines[settings]
+        return self._engines[key]
 
     # ------------------------------------------------------------------------------ dreaming
     def _render(self, jobs: Sequence[tuple[np.ndarray, Any]]) -> list[np.ndarray]:
@@ -256,7 +259,7 @@ class Dreamer:
 
         groups: dict[Any, list[int]] = {}
         for index, (_, recipe) in enumerate(jobs):
-            groups.setdefault(static_settings(recipe), []).append(index)
+            groups.setdefault((static_settings(recipe), recipe.tiles), []).append(index)
         results: list[np.ndarray | None] = [None] * len(jobs)
         with tqdm(total=len(jobs), unit="img", desc="dreaming",
                   disable=not self.progress) as bar:
@@ -370,7 +373,8 @@ def dream(image: ImageLike, *, model: str = "efficientnet_lite0",
     ``"block8:1,block10:2"``, a dict, or an objective such as ``layer("block8") +
     2 * layer("block10")``), ``octaves``, ``octave_scale``, ``steps``, ``step_size``,
     ``jitter``, ``seed``, ``max_side``, ``objective``, ``channels``, ``guide``,
-    ``normaliser``, ``update``, ``tile_size``, ``tile_above``.
+    ``normaliser``, ``update``, ``tile_size``, ``tile_above``, ``tiles`` (the opt-in tile
+    engine, :mod:`jaxdream.tiles`).
 
     Returns a :class:`DreamImage` (a PIL image that saves its recipe into the PNG) for a path
     or PIL input, and an array of the input's dtype for an array.

@@ -128,6 +128,11 @@ class Recipe:
     #: ``tile_size`` tiles (with a fresh random roll each step); 0 never tiles.
     tile_size: int = _setting(512, "tile side for big images")
     tile_above: int = _setting(1280, "tile octaves whose longer side exceeds this; 0 never")
+    #: ``T > 0`` dreams with the tile engine (:mod:`jaxdream.tiles`): one compiled T x T tile
+    #: program for every image size, the rest in NumPy; 0 is the whole-image engine.
+    tiles: int = _setting(0, "tile engine: one compiled TILES x TILES program for every image "
+                             "size (64..512, a multiple of 32; l2 or channel objective, mean "
+                             "normaliser, ascent); 0: the whole-image engine")
 
     def validate(self, source: str = "recipe") -> Recipe:
         """Returns self if every value is possible, else raises ConfigError naming the key."""
@@ -199,7 +204,30 @@ class Recipe:
         if self.tile_above and self.tile_size < 64:
             raise bad("tile_size", f"must be at least 64 pixels when tiling, got "
                                    f"{self.tile_size}")
+        self._validate_tiles(bad)
         return self
+
+    def _validate_tiles(self, bad: Any) -> None:
+        """The tile engine's size and what it can dream (see :mod:`jaxdream.tiles`)."""
+        if isinstance(self.tiles, bool) or not isinstance(self.tiles, int) or (
+                self.tiles and not (64 <= self.tiles <= 512 and self.tiles % 32 == 0)):
+            raise bad("tiles", f"expected 0 (the whole-image engine) or a tile side of "
+                               f"64..512 pixels, a multiple of 32, got {brief(self.tiles)}")
+        if not self.tiles:
+            return
+        if self.objective not in ("l2", "channel"):
+            why = ("a neuron sits at one place in the image, not once per tile"
+                   if self.objective == "neuron" else
+                   "the guide's features are matched over the whole image")
+            raise bad("tiles", f"the tile engine cannot dream objective {self.objective!r} "
+                               f"({why}); use l2 or channel, or tiles 0")
+        if self.normaliser != "mean":
+            raise bad("tiles", f"the tile engine cannot use normaliser {self.normaliser!r} "
+                               f"(it shapes the gradient of the whole image); use mean, or "
+                               f"tiles 0")
+        if self.update != "ascent":
+            raise bad("tiles", f"the tile engine cannot use update {self.update!r} (only "
+                               f"normalised ascent); use ascent, or tiles 0")
 
     def with_layers(self, text: str, known: list[str], source: str | None = None) -> Recipe:
         """The recipe with ``text`` parsed as its layers; errors name ``source`` if given."""
@@ -235,6 +263,8 @@ class Recipe:
             "tile_size": self.tile_size,
             "tile_above": self.tile_above,
         }
+        if self.tiles:  # absent at 0: older recipes keep their JSON and their ids
+            data["tiles"] = self.tiles
         if extra:
             data.update(extra)
         return data

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxdream.engine import Engine, ItemParams, default_batch_size, item_params, static_settings
+from jaxdream.engine import ItemParams, default_batch_size, item_params, static_settings
 from jaxdream.errors import ConfigError, JaxdreamError
 from jaxdream.images import load_rgb, save_png, to_uint8
 from jaxdream.models import LoadedModel, load_model
 from jaxdream.motion.schedules import DREAM_KEYS, Bounds, Schedule, check_bounds, parse_schedule
 from jaxdream.motion.videoio import frame_name
 from jaxdream.recipe import Recipe
+from jaxdream.tiles import make_engine
 
 
 ANIMATION_FILE = "animation.json"
@@ -84,7 +85,7 @@ class Engines:
     def __init__(self, model: LoadedModel, batch_size: int | None = None):
         self.model = model
         self.batch_size = batch_size or default_batch_size()
-        self._engines: dict[Any, Engine] = {}
+        self._engines: dict[Any, Any] = {}
         #: Images dreamed so far (tests count these to prove resume renders nothing twice).
         self.rendered = 0
 
@@ -99,12 +100,12 @@ class Engines:
         results: list[np.ndarray | None] = [None] * len(starts)
         groups: dict[Any, list[int]] = {}
         for index, recipe in enumerate(recipes):
-            groups.setdefault(static_settings(recipe), []).append(index)
-        for settings, members in groups.items():
-            engine = self._engines.get(settings)
-            if engine is None:
-                engine = self._engines[settings] = Engine(
-                    self.model, settings, batch_size=min(self.batch_size, len(members)))
+            groups.setdefault((static_settings(recipe), recipe.tiles), []).append(index)
+        for key, members in groups.items():
+            engine = self._engines.get(key)
+            if engine is None:  # tiles > 0: the tile engine, as `jaxdream dream` chooses it
+                engine = self._engines[key] = make_engine(
+                    self.model, key[0], key[1], min(self.batch_size, len(members)))
             params: list[ItemParams] = [item_params(recipes[i]) for i in members]
             for slot, out in enumerate(engine.render([starts[i] for i in members], params)):
                 results[members[slot]] = out

@@ -1,0 +1,237 @@
+"""The tile engine (``tiles: T`` in a recipe): one fixed-shape compiled program for every photo.
+
+The whole-image engine (:mod:`jaxdream.engine`) compiles a dream program per shape bucket; on
+CPU, for a folder of mixed sizes, compiling costs more than dreaming (README, Speed). Here the
+only compiled program is the gradient of the objective over one ``[1, T, T, 3]`` tile, the
+padding of a short side masked out (``objectives.evaluate(tiles=True)``, as
+``ascent._tiled_gradient`` counts). Everything else (the octave pyramid, the random roll,
+cutting and pasting tiles, the classic mean-|g| normalisation, the update and the clip) is
+NumPy, so no image size ever compiles anything. The program is kept on disk with
+:mod:`jaxdream.program_cache`, so a warm run loads it untraced.
+
+It is not the 2015 notebook's whole-image gradient: every tile sees its own borders, and the
+jitter comes from NumPy's generator seeded by the recipe's seed. Each image is dreamed on its
+own (batch 1, its own generator), so its pixels do not depend on the images around it.
+Supported: objective ``l2`` or ``channel``, normaliser ``mean``, update ``ascent``
+(``Recipe.validate`` refuses the rest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdream import engine as engine_module
+from jaxdream import program_cache
+from jaxdream.ascent import StaticSettings, octave_shapes, tile_starts
+from jaxdream.engine import CompileStats, ItemParams
+from jaxdream.errors import ConfigError
+from jaxdream.models import LoadedModel
+from jaxdream.objectives import Term, TermParams, evaluate, term_params
+
+#: Objectives whose value is a sum over feature positions, so tiles can add up to the image's.
+TILE_OBJECTIVES = ("l2", "channel")
+
+#: Gradient function of one tile: (tiles [1,T,T,3], masks [1,T,T]) -> gradient [1,T,T,3].
+TileGrad = Callable[[np.ndarray, np.ndarray], Any]
+
+_TINY = float(np.finfo(np.float32).tiny)
+
+#: Tile programs of this process, by (model structure, objective structure, T).
+_PROGRAMS: dict[tuple[Any, ...], Any] = {}
+
+
+def resize_aligned(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with corner pixels aligned and no antialiasing (the sampling of
+    ``ascent.resize_real`` and of the notebook's ``scipy.ndimage.zoom(order=1)``)."""
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / max(n_out - 1, 1))
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    r0, r1, fr = axis(x.shape[0], shape[0])
+    c0, c1, fc = axis(x.shape[1], shape[1])
+    rows = x[r0] * (1 - fr)[:, None, None] + x[r1] * fr[:, None, None]
+    # Row-major, always: indexing the columns gives a transposed memory layout, which every
+    # later NumPy op keeps, and the step's mean |g| would be summed in another order (last
+    # bits) than for the same pixels laid out by rows.
+    return np.ascontiguousarray(rows[:, c0] * (1 - fc)[None, :, None]
+                                + rows[:, c1] * fc[None, :, None], dtype=np.float32)
+
+
+def draw_shift(rng: np.random.Generator, shape: tuple[int, int], jitter: int, tile: int
+               ) -> tuple[int, int]:
+    """The step's roll: jitter in [-jitter, jitter], plus a fresh 0..T on every side longer
+    than T (as the engine's tiled mode), so tile borders never stay in one place."""
+    shift = rng.integers(-jitter, jitter + 1, 2)
+    for dim, length in enumerate(shape):
+        if length > tile:
+            shift[dim] += rng.integers(0, tile)
+    return int(shift[0]), int(shift[1])
+
+
+def image_gradient(grad: TileGrad, x: np.ndarray, shift: tuple[int, int], tile: int
+                   ) -> np.ndarray:
+    """d objective / d x of an H x W x 3 image evaluated on x rolled by ``shift``, tile by
+    tile: equal T x T tiles (``ascent.tile_starts``; overlaps summed), a side shorter than T
+    edge-padded at its end with the padding masked out and its gradient dropped."""
+    height, width = x.shape[:2]
+    rolled = np.roll(x, shift, axis=(0, 1))
+    th, tw = min(tile, height), min(tile, width)
+    starts = [(r, c) for r in tile_starts(height, th) for c in tile_starts(width, tw)]
+    mask = np.zeros((1, tile, tile), bool)
+    mask[:, :th, :tw] = True
+    pending = []
+    for r, c in starts:  # every tile dispatched before any is read back
+        piece = rolled[r:r + th, c:c + tw]
+        if th < tile or tw < tile:
+            piece = np.pad(piece, ((0, tile - th), (0, tile - tw), (0, 0)), mode="edge")
+        pending.append(grad(piece[None], mask))
+    out = np.zeros_like(rolled)
+    for (r, c), tile_grad in zip(starts, pending, strict=True):
+        out[r:r + th, c:c + tw] += np.asarray(tile_grad)[0, :th, :tw]
+    return np.roll(out, (-shift[0], -shift[1]), axis=(0, 1))
+
+
+def ascent_update(x: np.ndarray, grad: np.ndarray, step_size: float) -> np.ndarray:
+    """The classic step: the gradient divided by its mean |g|, times the step size, clipped
+    to 0..255 (``ascent.scale_by_mean_abs`` then the clip)."""
+    mean = float(np.mean(np.abs(grad)))
+    scale = np.float32(step_size / max(mean, _TINY))
+    return np.clip(x + scale * grad, 0.0, 255.0).astype(np.float32)
+
+
+def dream_image(grad: TileGrad, image: np.ndarray, params: ItemParams,
+                settings: StaticSettings, tile: int) -> np.ndarray:
+    """The dream of one H x W x 3 image (0..255), octave by octave, with its own generator."""
+    rng = np.random.default_rng(params.seed)
+    shapes = octave_shapes(image.shape[0], image.shape[1], settings.octaves,
+                           settings.octave_scale)
+    bases = [np.ascontiguousarray(image, np.float32)]
+    for shape in shapes[1:]:
+        bases.append(resize_aligned(bases[-1], shape))
+    x = bases[0]
+    detail: np.ndarray | None = None
+    for base in reversed(bases):
+        x = base if detail is None else base + resize_aligned(detail, base.shape[:2])
+        for _ in range(settings.steps):
+            shift = draw_shift(rng, x.shape[:2], params.jitter, tile)
+            x = ascent_update(x, image_gradient(grad, x, shift, tile), params.step_size)
+        detail = x - base
+    return x
+
+
+def tile_program(graphdef: Any, structure: tuple[tuple[str, str], ...]) -> Any:
+    """jit(grad of the objective over a batch of tiles): (state, tiles, masks, terms) ->
+    gradient. Term values are inputs, so weights and channels never recompile."""
+    layers = tuple(dict.fromkeys(name for _, name in structure))
+
+    def grads(state: Any, tiles: jax.Array, masks: jax.Array,
+              terms: tuple[TermParams, ...]) -> jax.Array:
+        model = nnx.merge(graphdef, state)
+
+        def objective(batch: jax.Array) -> jax.Array:
+            # tiles=True: each tile's sum over its full feature map, so every real feature
+            # of an image weighs the same whichever tile it falls in.
+            return evaluate(structure, model(batch, layers), terms, masks, tiles=True)
+
+        return jax.grad(objective)(tiles)
+
+    return jax.jit(grads)
+
+
+class TileEngine:
+    """Dreams images of any sizes with one compiled tile program (the interface of
+    :class:`jaxdream.engine.Engine` that the renderer uses: ``render_iter``, ``render``,
+    ``stats``)."""
+
+    def __init__(self, model: LoadedModel, settings: StaticSettings, tile: int,
+                 batch_size: int = 1) -> None:
+        unknown = [name for name in settings.layers if name not in model.spec.endpoints]
+        if unknown:
+            raise ConfigError(f"model {model.spec.name} has no endpoint(s) {unknown}")
+        if (settings.objective not in TILE_OBJECTIVES or settings.normaliser != "mean"
+                or settings.update != "ascent"):
+            raise ConfigError(f"tiles: the tile engine dreams objective l2 or channel with "
+                              f"normaliser mean and update ascent, not {settings.objective}/"
+                              f"{settings.normaliser}/{settings.update}")
+        del batch_size  # one tile per call: each image stays independent of the others
+        self.model, self.settings, self.tile = model, settings, tile
+        self._graphdef, self._state = nnx.split(model.module)
+        self.stats = CompileStats()
+
+    def term_params(self, item: ItemParams) -> tuple[TermParams, ...]:
+        """The per-image term values, as program inputs."""
+        if len(item.layer_weights) != len(self.settings.layers):
+            raise ValueError("one layer weight per layer is needed")
+        return tuple(
+            TermParams(*(jnp.asarray(a) for a in term_params(
+                Term(self.settings.objective, name, weight, item.channels),
+                self.model.spec.endpoints[name][0])))
+            for name, weight in zip(self.settings.layers, item.layer_weights, strict=True))
+
+    def _program(self, terms: tuple[TermParams, ...]) -> Any:
+        tiles = jnp.zeros((1, self.tile, self.tile, 3), jnp.float32)
+        masks = jnp.zeros((1, self.tile, self.tile), bool)
+        shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)), (self._state, terms))
+        key = (self._graphdef, self.settings.structure, self.tile, str(shapes))
+        if key not in _PROGRAMS:
+            start = time.perf_counter()
+            args = (self._state, tiles, masks, terms)
+            jitted = tile_program(self._graphdef, self.settings.structure)
+            hits = engine_module._cache_hits
+
+            def compile_fresh() -> tuple[Any, bool]:
+                before = engine_module._cache_hits
+                compiled = jitted.lower(*args).compile()
+                return compiled, engine_module._cache_hits > before
+
+            program, loaded = program_cache.load_or_compile(
+                program_cache.program_key("tiles", *key), args, compile_fresh)
+            _PROGRAMS[key] = program
+            self.stats.programs += 1
+            self.stats.loaded += loaded
+            self.stats.compiled += 0 if loaded else 1 - (engine_module._cache_hits - hits)
+            self.stats.seconds += time.perf_counter() - start
+        return _PROGRAMS[key]
+
+    def gradient_function(self, item: ItemParams) -> TileGrad:
+        """The tile gradient with ``item``'s term values bound."""
+        terms = self.term_params(item)
+        program, state = self._program(terms), self._state
+        return lambda tiles, masks: program(state, jnp.asarray(tiles), jnp.asarray(masks), terms)
+
+    def render_iter(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (index, dream) for each H x W x 3 image (0..255), in order."""
+        if len(images) != len(params):
+            raise ValueError("images and params differ in length")
+        for index, (image, item) in enumerate(zip(images, params, strict=True)):
+            yield index, dream_image(self.gradient_function(item), image, item, self.settings,
+                                     self.tile)
+
+    def render(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]
+               ) -> list[np.ndarray]:
+        return [out for _, out in self.render_iter(images, params)]
+
+
+def make_engine(model: LoadedModel, settings: StaticSettings, tiles: int, batch_size: int,
+                **engine_options: Any) -> Any:
+    """The engine a recipe asks for: the tile engine for ``tiles > 0``, else the whole-image
+    :class:`jaxdream.engine.Engine` with ``engine_options``."""
+    if tiles:
+        dtype = engine_options.get("compute_dtype")
+        if dtype not in (None, "float32"):
+            raise ConfigError(f"tiles: the tile engine computes in float32; compute_dtype "
+                              f"{dtype!r} needs tiles 0")
+        return TileEngine(model, settings, tiles, batch_size)
+    from jaxdream.engine import Engine
+
+    return Engine(model, settings, batch_size=batch_size, **engine_options)
