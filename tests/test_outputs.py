@@ -305,10 +305,7 @@ def test_a_killed_driver_of_a_sharded_bucket_job_resumes_each_item_into_one_shar
     """On the 3-node cluster: the driver SIGKILLed mid-job leaves its lock and manifest parts;
     --resume on this host takes the lock over (its holder is gone), renders the rest, and
     leaves every item in exactly one shard, one row each, the lock and parts gone."""
-    import signal
-    import time
-
-    from ray_cluster import start_cli
+    from test_storage import kill_driver_mid_job
 
     cluster, env = s3_cluster
     _photos("tk/in", 16, seed=7)
@@ -316,16 +313,7 @@ def test_a_killed_driver_of_a_sharded_bucket_job_resumes_each_item_into_one_shar
                           job={"unit_size": 2})  # type: ignore[arg-type]
     config.write_text(config.read_text(encoding="utf-8") + "output_shards: 2\n",
                       encoding="utf-8")
-    driver = start_cli([str(config), "--address", cluster.address, "-q"], env)
-    try:
-        deadline = time.monotonic() + 180
-        while len(_keys("tk/out/manifest.parts/")) < 2 and driver.poll() is None:
-            assert time.monotonic() < deadline, "the first driver recorded nothing in 180 s"
-            time.sleep(0.1)
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        driver.kill()
-        driver.wait()
+    kill_driver_mid_job(config, cluster.address, env, "tk/out")
     assert f"tk/out/{LOCK_NAME}" in _keys("tk/out/"), "the killed driver's lock is gone"
     assert "tk/out/manifest.jsonl" not in _keys("tk/out/"), "it finished before the kill"
 

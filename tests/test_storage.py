@@ -492,27 +492,33 @@ def test_a_node_removed_mid_job_with_bucket_io_costs_a_retry_not_an_item(
     _assert_bucket_complete("node/out", 24)
 
 
-def test_a_killed_driver_with_bucket_io_resumes_from_the_manifest_parts(
-        s3_cluster: tuple[Any, dict[str, str]], tmp_path: Path) -> None:
+def kill_driver_mid_job(config: Path, address: str, env: dict[str, str], out: str) -> None:
+    """Starts `jaxdream run CONFIG` on the cluster and SIGKILLs its driver once two manifest
+    parts are under the bucket prefix ``out`` (work recorded, the job not finished)."""
     import signal
     import time
 
     from ray_cluster import start_cli
 
-    cluster, env = s3_cluster
-    _photos("kill/in", 30, seed=4)
-    config = write_config(tmp_path / "job.yaml", "s3://photos/kill/in/", "s3://photos/kill/out",
-                          job={"unit_size": 2})  # type: ignore[arg-type]
-    driver = start_cli([str(config), "--address", cluster.address, "-q"], env)
+    driver = start_cli([str(config), "--address", address, "-q"], env)
     try:
         deadline = time.monotonic() + 180
-        while len(_keys("kill/out/manifest.parts/")) < 2 and driver.poll() is None:
+        while len(_keys(f"{out}/manifest.parts/")) < 2 and driver.poll() is None:
             assert time.monotonic() < deadline, "the first driver recorded nothing in 180 s"
             time.sleep(0.1)
         driver.send_signal(signal.SIGKILL)
     finally:
         driver.kill()
         driver.wait()
+
+
+def test_a_killed_driver_with_bucket_io_resumes_from_the_manifest_parts(
+        s3_cluster: tuple[Any, dict[str, str]], tmp_path: Path) -> None:
+    cluster, env = s3_cluster
+    _photos("kill/in", 30, seed=4)
+    config = write_config(tmp_path / "job.yaml", "s3://photos/kill/in/", "s3://photos/kill/out",
+                          job={"unit_size": 2})  # type: ignore[arg-type]
+    kill_driver_mid_job(config, cluster.address, env, "kill/out")
     parts = _keys("kill/out/manifest.parts/")
     assert "kill/out/manifest.jsonl" not in _keys("kill/out/"), "it finished before the kill"
     done_before = sum(len(_manifest(part)) for part in parts)
