@@ -224,7 +224,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--torch-device", default="auto",
                         help="auto (the GPU when JAX runs on one), cpu, cuda, or none")
     parser.add_argument("--depthwise", default="auto", choices=("auto", "grouped", "shifted"),
-                        help="jaxdream's depthwise form; auto: the backend's (GPU: grouped)")
+                        help="jaxdream's depthwise form; auto: the backend's (TPU: grouped)")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args()
     if args.quick:
@@ -271,9 +271,7 @@ def main() -> None:  # noqa: C901 (one linear script)
         say(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
     say(f"jaxdream depthwise convolutions: {depthwise}"
         + (" (XLA's grouped convolution, cuDNN on GPU)" if depthwise == "grouped"
-           else " (CPU form: shifted slices)"))
-    if backend != "cpu" and depthwise != "grouped":
-        say("WARNING: an accelerator is running the CPU depthwise form; not the native path")
+           else " (written forms: shifted slices, hand-written gradients)"))
 
     # ---------------------------------------------------------------- torch, if any
     torch: Any = None

@@ -61,6 +61,52 @@ def test_dense_conv_with_written_gradient_equals_autodiff(height: int, width: in
     np.testing.assert_allclose(gx, gx_ref, atol=1e-4)
 
 
+@pytest.mark.parametrize(("height", "width", "kernel", "stride", "pads"),
+                         [(12, 16, 3, 2, "SAME"), (11, 14, 3, 2, "SAME"), (13, 9, 7, 2, 3),
+                          (12, 12, 7, 2, 3), (8, 8, 1, 2, 0), (10, 11, 5, 3, "SAME"),
+                          (9, 12, 4, 2, ((1, 2), (0, 1))), (7, 10, 3, 2, 0)])
+def test_strided_conv_phase_gradient_equals_autodiff(height: int, width: int, kernel: int,
+                                                     stride: int, pads: object) -> None:
+    """The sub-pixel (phase) input gradient of strided convolutions: every kernel size,
+    stride, SAME's uneven padding and explicit pads, odd sizes whose last rows meet no
+    output."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 6)), jnp.float32)
+    if pads == "SAME":
+        pads = (L.same_padding(height, kernel, stride), L.same_padding(width, kernel, stride))
+    elif isinstance(pads, int):
+        pads = ((pads, pads), (pads, pads))
+    y_ref = L._dense(x, k, stride, pads)
+    np.testing.assert_array_equal(L._strided_cpu(x, k, stride, pads), y_ref)
+    cotangent = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+
+    def loss(fn):  # type: ignore[no-untyped-def]
+        return lambda x: jnp.sum(fn(x, k, stride, pads) * cotangent)
+
+    gx_ref = jax.grad(loss(L._dense))(x)
+    gx = jax.grad(loss(L._strided_cpu))(x)
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-4)
+    assert float(jnp.abs(gx_ref).max()) > 1.0  # the gradient is not trivially zero
+
+
+def test_cpu_forms_take_the_phase_gradient_for_strided_convolutions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv2d's CPU forms route a strided dense convolution through the phase gradient (the
+    optimised program has no convolution with a dilated input left) and agree with XLA's."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 17, 22, 3)), jnp.float32)
+    k = jnp.asarray(np.random.default_rng(4).normal(size=(7, 7, 3, 8)), jnp.float32)
+    grads, texts = {}, {}
+    for form in ("shifted", "grouped"):
+        monkeypatch.setenv(L.DEPTHWISE_ENV, form)
+        fn = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(L.conv2d(x, k, 2)))))
+        grads[form] = fn(x)
+        texts[form] = fn.lower(x).compile().as_text()
+    np.testing.assert_allclose(grads["shifted"], grads["grouped"], atol=1e-4)
+    assert "lhs_dilate" in texts["grouped"]
+    assert "lhs_dilate" not in texts["shifted"]
+
+
 def test_cpu_forms_give_kernels_no_gradient_and_xla_forms_do(monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
     x = jnp.ones((1, 6, 6, 4))

@@ -35,7 +35,7 @@ from jaxdream.inputs import expand_inputs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ray_cluster import private_ray_environment, run_cli, write_config  # noqa: E402
+from ray_cluster import TINY_DREAM, private_ray_environment, run_cli, write_config  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning"),
@@ -469,9 +469,12 @@ def test_a_node_removed_mid_job_with_bucket_io_costs_a_retry_not_an_item(
     _photos("node/in", 24, seed=3)
     # Units of 2: every worker then holds a second unit while the first comes back, so the
     # node pulled below always takes work with it (3 units of 8 could all be back already).
+    # Ten times the tiny dream's steps keep that second unit running while the driver writes
+    # the first one's manifest part to the bucket: with 20 steps, under load, it was once
+    # already back (inlined to the driver, so nothing was lost and nothing retried).
     config = load_config(write_config(tmp_path / "job.yaml", "s3://photos/node/in/",
-                                      "s3://photos/node/out",
-                                      job={"unit_size": 2}))  # type: ignore[arg-type]
+                                      "s3://photos/node/out", job={"unit_size": 2},
+                                      dream={**TINY_DREAM, "steps": 200}))  # type: ignore[arg-type]
     removed: list[str] = []
     workers = {node.node_id: node for node in cluster.worker_nodes}
 

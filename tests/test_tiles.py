@@ -129,13 +129,17 @@ def test_the_cli_and_the_api_refuse_it_in_one_line(tmp_path: Path,
     assert resolve_recipe("efficientnet_lite0", {"tiles": 128}).tiles == 128
 
 
-def test_tiles_zero_keeps_old_recipes_json_and_ids() -> None:
+def test_tiles_zero_keeps_old_recipes_json_and_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jaxdream import planning, recipe as recipe_module
     from jaxdream.planning import item_id
 
     recipe = Recipe(layers=(("block10", 1.0),))
     assert recipe.tiles == 0 and "tiles" not in recipe.to_json(weights_sha256="ab" * 32)
-    # Pinned from the code before the tiles field existed: the same id, so the same outputs
-    # and resumes (the pixels themselves: test_cli's byte-identical re-render test).
+    # Pinned from the code before the tiles field existed (version 0.2.0, which ids include;
+    # 0.3.0 changed pixels, so ids, on purpose): the same id, so the same outputs and resumes
+    # (the pixels themselves: test_cli's byte-identical re-render test).
+    for module in (planning, recipe_module):
+        monkeypatch.setattr(module, "__version__", "0.2.0")
     assert item_id('{"path":"/x.jpg"}', recipe, "ab" * 32) == "bdee29e8f6ce4b1ff7f0cceb6b101584"
     assert "tiles" in dataclasses.replace(recipe, tiles=128).to_json(weights_sha256="ab" * 32)
 

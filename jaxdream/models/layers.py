@@ -83,17 +83,21 @@ def run_stages(stages: Iterable[Stage], x: jax.Array, order: Sequence[str],
 
 
 def depthwise_impl() -> DepthwiseImpl:
-    """Which depthwise-convolution form to trace, chosen per backend.
+    """Which convolution forms to trace, chosen per backend: ``shifted`` (the written forms
+    below: depthwise convolutions as shifted slices, hand-written input gradients) or
+    ``grouped`` (XLA's own convolutions and autodiff).
 
-    XLA on CPU runs ``feature_group_count=C`` convolutions 10-30x slower than the same
-    computation written as a sum of shifted slices (measured before the project began; see
-    ``benchmarks/``), while cuDNN and the TPU compiler have fast grouped kernels. The choice is
-    made when a function is traced, so it follows the backend the program is compiled for.
+    CPU: XLA runs ``feature_group_count=C`` convolutions 10-30x slower than the same
+    computation as a sum of shifted slices (measured before the project began). GPU: on an
+    H200 the written forms dreamed Lite0 2.1x (batch 1) and 2.5x (batch 32) faster than cuDNN's
+    grouped kernels, which took 66% of the batch-32 time
+    (``benchmarks/results/gpu_issue11_h200.log``). TPUs keep XLA's forms (not measured). The
+    choice is made when a function is traced, so it follows the backend compiled for.
     """
     forced = os.environ.get(DEPTHWISE_ENV, "").strip().lower()
     if forced in ("grouped", "shifted"):
         return forced  # type: ignore[return-value]
-    return "shifted" if jax.default_backend() == "cpu" else "grouped"
+    return "shifted" if jax.default_backend() in ("cpu", "gpu") else "grouped"
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -214,6 +218,56 @@ def _dense_cpu_bwd(stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Arra
 _dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_cpu(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads) -> jax.Array:
+    """A strided dense convolution whose input gradient is one stride-1 convolution of dy.
+
+    Autodiff's form correlates the stride-dilated dy, so 3 of every 4 products (stride 2) are
+    with zeros, and the stems' gradients have 3 output channels, which XLA's CPU convolution
+    runs badly: Lite0's stem gradient took 18% of its step, GoogLeNet's 7x7 one 22%. Split by
+    output phase (the sub-pixel form), pixel ``s*q + r`` of the gradient only meets taps
+    ``s*m + r``, so all s*s phases are one convolution of dy with a ceil(k/s)-tap kernel and
+    s*s*C outputs, followed by depth-to-space.
+    """
+    return _dense(x, kernel, stride, pads)
+
+
+def _strided_cpu_fwd(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads
+                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _dense(x, kernel, stride, pads), (x, kernel)
+
+
+def _phase_kernel(kernel: jax.Array, stride: int) -> jax.Array:
+    """HWIO (k, k, C, D) -> (m, m, D, s*s*C): tap j of phase (ry, rx) is the kernel's tap
+    s*(m-1-j) + r (zero past the kernel's edge), so that a correlation of dy lands on the
+    gradient pixel s*q + r; outputs ordered (ry, rx, c) for depth-to-space."""
+    kh, kw, c, d = kernel.shape
+    mh, mw = -(-kh // stride), -(-kw // stride)
+    padded = jnp.pad(kernel, ((0, mh * stride - kh), (0, mw * stride - kw), (0, 0), (0, 0)))
+    taps = padded.reshape(mh, stride, mw, stride, c, d)[::-1, :, ::-1]
+    return taps.transpose(0, 2, 5, 1, 3, 4).reshape(mh, mw, d, stride * stride * c)
+
+
+def _strided_cpu_bwd(stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array],
+                     dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    (pt, _), (pl, _) = pads
+    n, h, w, c = x.shape
+    mh, mw = -(-kernel.shape[0] // stride), -(-kernel.shape[1] // stride)
+    # Rows q of the phase outputs cover padded-input rows s*q .. s*q + s - 1; enough of them
+    # to reach the last real pixel, dy being zero past its end.
+    qh, qw = -(-(pt + h) // stride), -(-(pl + w) // stride)
+    padded = jnp.pad(dy, ((0, 0), (mh - 1, max(qh - dy.shape[1], 0)),
+                          (mw - 1, max(qw - dy.shape[2], 0)), (0, 0)))
+    phases = _dense(padded, _phase_kernel(kernel, stride), 1, ((0, 0), (0, 0)))
+    phases = phases[:, :qh, :qw].reshape(n, qh, qw, stride, stride, c)
+    dx = phases.transpose(0, 1, 3, 2, 4, 5).reshape(n, qh * stride, qw * stride, c)
+    return dx[:, pt:pt + h, pl:pl + w], jnp.zeros_like(kernel)  # kernel: see conv2d
+
+
+_strided_cpu.defvjp(_strided_cpu_fwd, _strided_cpu_bwd)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, *, groups: int = 1,
            padding: str | tuple[tuple[int, int], tuple[int, int]] = "SAME") -> jax.Array:
     """NHWC convolution with an HWIO kernel; depthwise convs take the fastest form per backend.
@@ -226,22 +280,22 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, *, groups: int = 1,
     else:
         pads = padding  # type: ignore[assignment]
     channels = x.shape[-1]
-    cpu_forms = depthwise_impl() == "shifted"
-    if cpu_forms:
+    written = depthwise_impl() == "shifted"
+    if written:
         # The hand-written gradients below are for the image only: jaxdream never trains, and
         # computing kernel gradients there cost seconds per step under vmap. Stopping the
         # kernel's gradient here makes that explicit (a weight gradient is exactly zero).
         kernel = jax.lax.stop_gradient(kernel)
-    if groups > 1 and groups == channels and kernel.shape[2] == 1 and cpu_forms:
+    if groups > 1 and groups == channels and kernel.shape[2] == 1 and written:
         return _depthwise_shifted(x, kernel, stride, pads)  # type: ignore[arg-type]
     if kh == 1 and kw == 1 and stride == 1 and groups == 1 and not any(sum(pads, ())):
         # A 1x1 convolution is a matrix product over channels; XLA's dot is at least as fast.
         return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
-    if groups == 1 and cpu_forms and stride == 1:
-        # Stride 1 only: for strided convolutions the written gradient has to dilate dy first,
-        # which measured slower than XLA's own (e.g. Lite0's stem: +90 ms a step under vmap).
-        # The CPU forms go together: XLA's own grouped conv and conv gradients elsewhere.
-        return _dense_cpu(x, kernel, stride, pads)  # type: ignore[arg-type]
+    if groups == 1 and written:
+        # The written forms go together: XLA's own grouped conv and conv gradients elsewhere.
+        if stride == 1:
+            return _dense_cpu(x, kernel, stride, pads)  # type: ignore[arg-type]
+        return _strided_cpu(x, kernel, stride, pads)  # type: ignore[arg-type]
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(stride, stride), padding=pads,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
