@@ -139,6 +139,14 @@ def test_both_depthwise_forms_give_the_same_network(tiny_model: LoadedModel,
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_the_written_forms_are_the_default_on_cpu_and_gpu_not_tpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(L.DEPTHWISE_ENV, raising=False)
+    for backend, form in (("cpu", "shifted"), ("gpu", "shifted"), ("tpu", "grouped")):
+        monkeypatch.setattr(L.jax, "default_backend", lambda backend=backend: backend)
+        assert L.depthwise_impl() == form, backend
+
+
 def test_endpoints_match_their_table(tiny_model: LoadedModel) -> None:
     x = jnp.zeros((1, 64, 48, 3))
     out = jax.eval_shape(lambda x: tiny_model.module(x), x)
