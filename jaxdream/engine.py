@@ -295,8 +295,9 @@ class Engine:
             hits = _cache_hits
             def compile_fresh() -> tuple[Any, bool]:
                 before = _cache_hits
-                compiled = _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
-                    self._state, images, params).compile()
+                compiled = program_cache.compile_lowered(
+                    _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
+                        self._state, images, params))
                 return compiled, _cache_hits > before
 
             if len(self.devices) == 1:

@@ -190,7 +190,7 @@ class TileEngine:
 
             def compile_fresh() -> tuple[Any, bool]:
                 before = engine_module._cache_hits
-                compiled = jitted.lower(*args).compile()
+                compiled = program_cache.compile_lowered(jitted.lower(*args))
                 return compiled, engine_module._cache_hits > before
 
             program, loaded = program_cache.load_or_compile(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -82,3 +83,31 @@ def test_only_the_most_recently_used_programs_are_kept(
         Engine(tiny_model, StaticSettings(("block2",), octaves=1, steps=steps)).render(
             [_photo()], [PARAMS])
     assert len(list(store.glob("*.xla"))) == 2
+
+
+def test_cpu_programs_compile_with_the_measured_options_or_without_unknown_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    lowered = jax.jit(lambda x: jnp.sin(x) * 2.0).lower(jnp.ones(4))
+    seen: list[Any] = []
+    real = type(lowered).compile
+
+    def spy(self: Any, compiler_options: Any = None) -> Any:
+        seen.append(compiler_options)
+        return real(self, compiler_options=compiler_options)
+
+    monkeypatch.setattr(type(lowered), "compile", spy)
+    monkeypatch.setattr(program_cache, "_options_known", True)
+    compiled = program_cache.compile_lowered(lowered)
+    assert seen == [program_cache.CPU_COMPILE_OPTIONS]
+    np.testing.assert_allclose(compiled(jnp.ones(4)), 2 * np.sin(np.ones(4)), rtol=1e-6)
+    # A jaxlib without the option: XLA refuses it by name; the program compiles without it,
+    # and later programs do not try again.
+    monkeypatch.setattr(program_cache, "CPU_COMPILE_OPTIONS", {"xla_cpu_no_such_option": True})
+    seen.clear()
+    program_cache.compile_lowered(lowered)
+    program_cache.compile_lowered(lowered)
+    assert seen == [{"xla_cpu_no_such_option": True}, None, None]
+    assert program_cache._options_known is False
