@@ -61,24 +61,27 @@ def test_dense_conv_with_written_gradient_equals_autodiff(height: int, width: in
     np.testing.assert_allclose(gx, gx_ref, atol=1e-4)
 
 
-@pytest.mark.parametrize(("height", "width", "kernel", "stride", "pads"),
-                         [(12, 16, 3, 2, "SAME"), (11, 14, 3, 2, "SAME"), (13, 9, 7, 2, 3),
-                          (12, 12, 7, 2, 3), (8, 8, 1, 2, 0), (10, 11, 5, 3, "SAME"),
-                          (9, 12, 4, 2, ((1, 2), (0, 1))), (7, 10, 3, 2, 0)])
+@pytest.mark.parametrize(("height", "width", "kernel", "stride", "pads", "channels"),
+                         [(12, 16, 3, 2, "SAME", 3), (11, 14, 3, 2, "SAME", 8),
+                          (13, 9, 7, 2, 3, 3), (12, 12, 7, 2, 3, 8), (8, 8, 1, 2, 0, 3),
+                          (10, 11, 5, 3, "SAME", 3), (9, 12, 4, 2, ((1, 2), (0, 1)), 8),
+                          (7, 10, 3, 2, 0, 3), (7, 10, 3, 2, 0, 8)])
 def test_strided_conv_phase_gradient_equals_autodiff(height: int, width: int, kernel: int,
-                                                     stride: int, pads: object) -> None:
-    """The sub-pixel (phase) input gradient of strided convolutions: every kernel size,
-    stride, SAME's uneven padding and explicit pads, odd sizes whose last rows meet no
-    output."""
+                                                     stride: int, pads: object,
+                                                     channels: int) -> None:
+    """Strided convolutions' written forms: the patch forward of small kernels and the
+    sub-pixel (phase) input gradient, as tap products (3 channels) or a convolution (8);
+    every kernel size, stride, SAME's uneven padding and explicit pads, odd sizes whose last
+    rows meet no output."""
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 6)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, height, width, channels)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 6)), jnp.float32)
     if pads == "SAME":
         pads = (L.same_padding(height, kernel, stride), L.same_padding(width, kernel, stride))
     elif isinstance(pads, int):
         pads = ((pads, pads), (pads, pads))
     y_ref = L._dense(x, k, stride, pads)
-    np.testing.assert_array_equal(L._strided_cpu(x, k, stride, pads), y_ref)
+    np.testing.assert_allclose(L._strided_cpu(x, k, stride, pads), y_ref, rtol=1e-5, atol=1e-5)
     cotangent = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
 
     def loss(fn):  # type: ignore[no-untyped-def]
