@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hostile_images import make_corpus  # noqa: E402
 from ray_cluster import (  # noqa: E402
+    TINY_DREAM,
     add_worker_node,
     manifest_rows,
     private_ray_environment,
@@ -221,7 +222,11 @@ def test_a_node_removed_mid_job_costs_a_retry_not_an_item(
     cluster, env = ray_cluster
     write_images(tmp_path / "photos", 36)
     outdir = tmp_path / "out"
-    config_path = write_config(tmp_path / "job.yaml", str(tmp_path / "photos"), outdir)
+    # Ten times the tiny dream's steps keep each worker's next unit running while the driver
+    # handles the one that came back: with 20 steps it was once already back (its result
+    # inlined to the driver, so nothing was lost and nothing retried).
+    config_path = write_config(tmp_path / "job.yaml", str(tmp_path / "photos"), outdir,
+                               dream={**TINY_DREAM, "steps": 200})
     config = load_config(config_path)
     removed: list[str] = []
     workers = {node.node_id: node for node in cluster.worker_nodes}

@@ -258,3 +258,33 @@ def test_real_weights_recognise_the_sample_photos(name: str) -> None:
     cat_top, coffee_top = classify(load_model(name), [cat, coffee], top=3)
     assert cat_top[0][0] in range(281, 286), cat_top  # tabby, tiger, Persian, Siamese, Egyptian
     assert coffee_top[0][0] in (967, 968), coffee_top  # espresso, cup
+
+
+@pytest.mark.parametrize(("height", "width", "window", "stride", "padding", "ceil_mode"),
+                         [(17, 22, 3, 2, 0, True), (16, 16, 3, 2, 0, True),
+                          (12, 15, 3, 1, 1, True), (13, 11, 2, 2, 0, False),
+                          (15, 14, 3, 2, 1, False)])
+def test_max_pool_equals_xla_values_and_gradient_bit_for_bit(
+        height: int, width: int, window: int, stride: int, padding: int, ceil_mode: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written max pool (maximum of shifted slices, gradient by shifted slices with XLA's
+    first-maximum tie rule) against XLA's reduce_window and its autodiff, on inputs full of
+    ties (small integers) and on continuous ones."""
+    rng = np.random.default_rng(5)
+    for x in (jnp.asarray(rng.integers(0, 3, (2, height, width, 4)), jnp.float32),
+              jnp.asarray(rng.normal(size=(2, height, width, 4)), jnp.float32)):
+        results = {}
+        for form in ("written", "xla"):
+            if form == "xla":
+                monkeypatch.setenv("JAXDREAM_MAXPOOL", "xla")
+            else:
+                monkeypatch.delenv("JAXDREAM_MAXPOOL", raising=False)
+
+            def loss(x):  # type: ignore[no-untyped-def]
+                y = L.max_pool(x, window, stride, padding, ceil_mode)
+                return jnp.sum(y * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)), y
+
+            results[form] = jax.jit(jax.grad(loss, has_aux=True))(x)
+        np.testing.assert_array_equal(results["written"][1], results["xla"][1])
+        np.testing.assert_array_equal(results["written"][0], results["xla"][0])
+        assert float(jnp.abs(results["xla"][0]).max()) > 0

@@ -437,6 +437,8 @@ def _window_slices(xp: jax.Array, window: int, stride: int, out_shape: tuple[int
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x: jax.Array, window: int, stride: int, pads: Pads) -> jax.Array:
+    # XLA's reduce_window. The maximum of the window's shifted slices (the same values) ran
+    # 1.3-2.4x faster alone on GoogLeNet's pool shapes but made its whole step 15% slower.
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
                                  (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
 
