@@ -220,14 +220,15 @@ _dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _strided_cpu(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads) -> jax.Array:
-    """A strided dense convolution whose input gradient is one stride-1 convolution of dy.
+    """A strided dense convolution whose input gradient is written in the sub-pixel form.
 
     Autodiff's form correlates the stride-dilated dy, so 3 of every 4 products (stride 2) are
     with zeros, and the stems' gradients have 3 output channels, which XLA's CPU convolution
     runs badly: Lite0's stem gradient took 18% of its step, GoogLeNet's 7x7 one 22%. Split by
-    output phase (the sub-pixel form), pixel ``s*q + r`` of the gradient only meets taps
-    ``s*m + r``, so all s*s phases are one convolution of dy with a ceil(k/s)-tap kernel and
-    s*s*C outputs, followed by depth-to-space.
+    output phase, pixel ``s*q + r`` of the gradient only meets taps ``s*m + r``, so all s*s
+    phases are one stride-1 convolution of dy with a ceil(k/s)-tap kernel and s*s*C outputs
+    (tap products and shifted sums for an image's 3 channels), then depth-to-space. Small
+    kernels also run forward as patches times a matrix (see PATCH_LIMIT).
     """
     return _strided_forward(x, kernel, stride, pads)
 
