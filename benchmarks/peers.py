@@ -3,6 +3,7 @@
     python benchmarks/peers.py                       # everything (about 30 min on 2 cores)
     python benchmarks/peers.py --jobs one,googlenet  # a subset
     python benchmarks/peers.py --big                 # also 100 photos of 200-1600 px
+    python benchmarks/peers.py --jobs mixed --tiles 128  # also the opt-in tile engine
 
 Every figure is a whole process (or one process per photo, as the peer's README runs it), timed
 from outside, on the same photos with the same settings; jaxdream runs "cold" (an empty cache
@@ -243,7 +244,8 @@ def compare(name: str, work: str, peer_name: str, peer_seconds: float,
     now = {label: seconds for label, seconds, _ in jax_runs}
     for label, seconds, built in jax_runs:
         ratio = "-" if peer_seconds != peer_seconds else f"{seconds / peer_seconds:.2f}"
-        if " " in label:  # an older jaxdream (--before): also say how much faster now is
+        if " " in label and not label.startswith("--"):  # an older jaxdream (--before):
+            # also say how much faster now is
             ratio += f" (now / this: {now[label.split()[-1]] / seconds:.2f})"
         peer = "not run" if peer_seconds != peer_seconds else f"{peer_seconds:.1f} s"
         line = (f"| {work} | {label} | {seconds:.1f} s | {peer_name}: {peer} | "
@@ -266,6 +268,9 @@ def main() -> None:
                              "archive into the scratch folder), same photos, same run")
     parser.add_argument("--no-peer", action="store_true",
                         help="skip the peers (with --before: old against new jaxdream only)")
+    parser.add_argument("--tiles", type=int, default=0, metavar="T",
+                        help="also time the Lite0 jobs with the opt-in tile engine (--tiles T)"
+                             ", cold and warm, in the same run")
     parser.add_argument("--smoke", action="store_true",
                         help="one photo per job: checks the set-up, times nothing useful")
     args = parser.parse_args()
@@ -285,13 +290,17 @@ def main() -> None:
                                      check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
 
-    def jaxdream_runs(photos: list[Path], flags: list[str], name: str
+    def jaxdream_runs(photos: list[Path], flags: list[str], name: str, tiles: int = 0
                       ) -> list[tuple[str, float, str]]:
         runs = []
-        for tag, root in [("", REPO)] + ([(f"{args.before[:7]} ", before)] if before else []):
-            cache = work / f"{name}_{tag.strip()}cache"
+        variants = [("", REPO, [])] + ([(f"{args.before[:7]} ", before, [])] if before else [])
+        if tiles:
+            variants.append((f"--tiles {tiles} ", REPO, ["--tiles", str(tiles)]))
+        for tag, root, extra in variants:
+            cache = work / f"{name}_{tag.strip().replace(' ', '')}cache"
             for label in ("cold", "warm"):
-                seconds, built = run_jaxdream(photos, flags, cache, work / f"{name}_out", root)
+                seconds, built = run_jaxdream(photos, flags + extra, cache,
+                                              work / f"{name}_out", root)
                 runs.append((tag + label, seconds, built))
         return runs
     work = Path(tempfile.mkdtemp(prefix="peers-"))
@@ -339,7 +348,7 @@ def main() -> None:
                       else make_photos(work / f"{name}_in", few(sizes)))
             eager = (float("nan") if args.no_peer
                      else run_eager_lite0(photos, max_side, work / f"{name}_eager"))
-            runs = jaxdream_runs(photos, ["--max-side", str(max_side)], name)
+            runs = jaxdream_runs(photos, ["--max-side", str(max_side)], name, args.tiles)
             compare(name, description, "eager PyTorch, one process", eager, runs, rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
