@@ -148,7 +148,7 @@ class ImageDream:
 
 
 # ------------------------------------------------------------------------------- JAX parts
-def tile_program(graphdef, layers: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def tile_program(graphdef, state, layers: tuple[str, ...]):  # type: ignore[no-untyped-def]
     """jit(grad of the objective over a batch of tiles): (state, tiles, masks) -> grads, the
     package's tile program (jaxdream.tiles) with classic L2 terms of weight 1 bound."""
     import jax
@@ -158,8 +158,10 @@ def tile_program(graphdef, layers: tuple[str, ...]):  # type: ignore[no-untyped-
 
     terms = tuple(TermParams(np.float32(1.0), np.zeros((0,), np.float32),
                              np.zeros((0, 0), np.float32)) for _ in layers)
-    program = package_program(graphdef, tuple(("l2", name) for name in layers))
-    return jax.jit(lambda state, tiles, masks: program(state, tiles, masks, terms))
+    program = package_program(graphdef, jax.tree.structure(state),
+                              tuple(("l2", name) for name in layers))
+    return jax.jit(lambda state, tiles, masks: program(jax.tree.leaves(state), tiles, masks,
+                                                       terms))
 
 
 def build_program(model, tile: int, batch: int, cache: Path | None):  # type: ignore[no-untyped-def]
@@ -173,7 +175,7 @@ def build_program(model, tile: int, batch: int, cache: Path | None):  # type: ig
 
     graphdef, state = nnx.split(model.module)
     layers = (model.spec.default_layers,)
-    jitted = tile_program(graphdef, layers)
+    jitted = tile_program(graphdef, state, layers)
     tiles = jnp.zeros((batch, tile, tile, 3), jnp.float32)
     masks = jnp.zeros((batch, tile, tile), bool)
     start = time.perf_counter()
@@ -278,7 +280,7 @@ def sweep(args: argparse.Namespace) -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for tile in args.tiles:
         for batch in args.batches:
-            jitted = tile_program(graphdef, layers)
+            jitted = tile_program(graphdef, state, layers)
             tiles = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (batch, tile, tile, 3)),
                                 jnp.float32)
             masks = jnp.ones((batch, tile, tile), bool)
