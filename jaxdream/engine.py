@@ -11,10 +11,12 @@ can report what compiling cost. With several devices the batch axis is sharded a
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -45,6 +47,35 @@ DEFAULT_BUCKET = 64
 
 #: Compiled programs kept per process (least recently used ones are dropped).
 MAX_PROGRAMS = 64
+
+#: Environment variable: how many programs a render builds ahead, in background threads,
+#: while it dreams (0: none, each is built when its first batch comes up).
+COMPILE_AHEAD_ENV = "JAXDREAM_COMPILE_AHEAD"
+
+
+def builders_for(cores: float) -> int:
+    """Background program builders for a process with ``cores`` cores: one per core, at most
+    4 (an XLA compile takes 1-3 GB). On 2 cores two builders let one trace (Python, holding
+    the GIL) while the other's XLA compile and the dreaming use the cores."""
+    return max(1, min(4, int(cores)))
+
+
+def default_compile_ahead() -> int:
+    """``$JAXDREAM_COMPILE_AHEAD`` if set (0 turns building ahead off), else
+    :func:`builders_for` the cores this process may use."""
+    text = os.environ.get(COMPILE_AHEAD_ENV, "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{COMPILE_AHEAD_ENV}: expected a whole number of threads, got "
+                              f"{text!r}") from None
+        if value < 0:
+            raise ConfigError(f"{COMPILE_AHEAD_ENV}: must be 0 or more, got {value}")
+        return value
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return builders_for(cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +188,9 @@ def _jitted_features(graphdef: Any, layers: tuple[str, ...]) -> Any:
 #: Compiled programs shared by every Engine in the process, keyed by everything that selects
 #: one: the model's structure, the static settings, the dtype and the batch's shapes.
 _PROGRAMS: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+#: Programs being built (by any thread), so that each is built once; guarded by _LOCK.
+_BUILDING: dict[tuple[Any, ...], concurrent.futures.Future[Any]] = {}
+_LOCK = threading.Lock()
 
 
 def enable_compilation_cache(directory: str | os.PathLike[str]) -> None:
@@ -208,7 +242,8 @@ class Engine:
 
     def __init__(self, model: LoadedModel, settings: StaticSettings, batch_size: int = 1, *,
                  bucket: int = DEFAULT_BUCKET, compute_dtype: str | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None,
+                 compile_ahead: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         unknown = [name for name in settings.layers if name not in model.spec.endpoints]
@@ -227,6 +262,8 @@ class Engine:
         # Each device gets an equal share of every batch.
         self.batch_size = math.ceil(batch_size / len(self.devices)) * len(self.devices)
         self.stats = CompileStats()
+        #: Background builders for the programs of a render's later buckets (0: none).
+        self.compile_ahead = default_compile_ahead() if compile_ahead is None else compile_ahead
         self._guides: dict[str, np.ndarray] = {}
         if len(self.devices) > 1:
             mesh = Mesh(np.asarray(self.devices), ("batch",))
@@ -285,39 +322,68 @@ class Engine:
         return buffer, sample
 
     # ----------------------------------------------------------------------------- programs
-    def _program(self, images: jax.Array, params: SampleParams) -> Any:
+    def _program(self, images: Any, params: Any) -> Any:
+        """The compiled program for a batch shaped like ``images`` and ``params`` (arrays or
+        ``jax.ShapeDtypeStruct``s): from this process, from another thread that is building
+        it, from the disk store, or built here."""
         shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)), params)
         key = (self._graphdef, self.settings, self.compute_dtype, tuple(images.shape),
                str(jax.tree.structure(params)), str(shapes), len(self.devices))
-        program = _PROGRAMS.get(key)
-        if program is None:
-            start = time.perf_counter()
-            hits = _cache_hits
-            def compile_fresh() -> tuple[Any, bool]:
-                before = _cache_hits
-                compiled = program_cache.compile_lowered(
-                    _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
-                        self._state, images, params))
-                return compiled, _cache_hits > before
-
-            if len(self.devices) == 1:
-                state_shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)),
-                                            self._state)
-                program, loaded = program_cache.load_or_compile(
-                    program_cache.program_key(*key, str(images.dtype), state_shapes,
-                                              str(jax.tree.structure(self._state))),
-                    (self._state, images, params), compile_fresh)
+        with _LOCK:
+            program = _PROGRAMS.get(key)
+            if program is not None:
+                _PROGRAMS.move_to_end(key)
+                return program
+            building = _BUILDING.get(key)
+            if building is None:
+                building = _BUILDING[key] = concurrent.futures.Future()
+                builder = True
             else:
-                program, loaded = compile_fresh()[0], False
-            self.stats.programs += 1
-            self.stats.loaded += loaded
-            self.stats.compiled += 0 if loaded else 1 - (_cache_hits - hits)
-            self.stats.seconds += time.perf_counter() - start
+                builder = False
+        if not builder:
+            return building.result()  # the other thread's error, if it failed
+        try:
+            program = self._build(key, images, params)
+        except BaseException as error:
+            with _LOCK:
+                _BUILDING.pop(key, None)
+            building.set_exception(error)
+            raise
+        with _LOCK:  # kept and no longer being built, at once: no thread builds it again
             _PROGRAMS[key] = program
             while len(_PROGRAMS) > MAX_PROGRAMS:
                 _PROGRAMS.popitem(last=False)
+            _BUILDING.pop(key, None)
+        building.set_result(program)
+        return program
+
+    def _build(self, key: tuple[Any, ...], images: Any, params: Any) -> Any:
+        start = time.perf_counter()
+        hits = _cache_hits
+
+        def compile_fresh() -> tuple[Any, bool]:
+            before = _cache_hits
+            compiled = program_cache.compile_lowered(
+                _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
+                    self._state, images, params))
+            return compiled, _cache_hits > before
+
+        if len(self.devices) == 1:
+            state_shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)),
+                                        self._state)
+            program, loaded = program_cache.load_or_compile(
+                program_cache.program_key(*key, str(images.dtype), state_shapes,
+                                          str(jax.tree.structure(self._state))),
+                (self._state, images, params), compile_fresh)
         else:
-            _PROGRAMS.move_to_end(key)
+            program, loaded = compile_fresh()[0], False
+        with _LOCK:
+            self.stats.programs += 1
+            self.stats.loaded += loaded
+            # Compilation-cache hits are counted process-wide: with builders running at
+            # once, one may see another's hit (only this count can be off, never a program).
+            self.stats.compiled += 0 if loaded else max(0, 1 - (_cache_hits - hits))
+            self.stats.seconds += time.perf_counter() - start
         return program
 
     def _place(self, tree: Any) -> Any:
@@ -347,15 +413,20 @@ class Engine:
     def render_iter(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]
                     ) -> Iterator[tuple[int, np.ndarray]]:
         """Like :meth:`render` but yields (index, result) as each batch finishes, bucket by
-        bucket."""
+        bucket. The programs of later buckets are built in the background meanwhile (see
+        ``compile_ahead``)."""
         if len(images) != len(params):
             raise ValueError("images and params differ in length")
         batch = self.batch_size
+        work: list[tuple[tuple[int, int], list[int], list[int]]] = []
         for shape, members in self.buckets([image.shape for image in images]).items():
             for start in range(0, len(members), batch):
                 chunk = members[start:start + batch]
                 # Pad the last batch with copies of its first image so it reuses the program.
-                padded = chunk + [chunk[0]] * (batch - len(chunk))
+                work.append((shape, chunk, chunk + [chunk[0]] * (batch - len(chunk))))
+        ahead = self._build_ahead(images, params, work)
+        try:
+            for shape, chunk, padded in work:
                 buffer, sample = self._stack([images[i] for i in padded],
                                              [params[i] for i in padded], shape)
                 placed_images, placed_params = self._place((buffer, sample))
@@ -364,6 +435,42 @@ class Engine:
                 for slot, index in enumerate(chunk):
                     height, width = images[index].shape[:2]
                     yield index, out[slot, :height, :width]
+        finally:
+            if ahead is not None:
+                # Builds already running finish (their programs are kept for the next
+                # render); the others are dropped.
+                ahead.shutdown(wait=False, cancel_futures=True)
+
+    def _build_ahead(self, images: Sequence[np.ndarray], params: Sequence[ItemParams],
+                     work: Sequence[tuple[tuple[int, int], list[int], list[int]]]
+                     ) -> concurrent.futures.ThreadPoolExecutor | None:
+        """Starts building, in ``compile_ahead`` threads, the programs of every bucket after
+        the first, in the order they will be needed; the first is built in the caller's
+        thread. Programs are the same whichever thread builds them (so are the dreams); this
+        only moves tracing and compiling next to the dreaming, on cores it leaves idle.
+
+        On CPU, building a bucket's program (trace 1-3 s, holding the GIL; XLA compile
+        5-12 s using about 1.5 cores) costs more than dreaming a few photos, so a cold
+        folder of mixed sizes is mostly compiling."""
+        if self.compile_ahead < 1 or len(self.devices) > 1:
+            return None
+        first: dict[tuple[int, int], list[int]] = {}
+        for shape, _, padded in work:
+            first.setdefault(shape, padded)
+        if len(first) < 2:
+            return None
+        abstract = []
+        for shape, padded in list(first.items())[1:]:
+            placed = self._place(self._stack([images[i] for i in padded],
+                                             [params[i] for i in padded], shape))
+            abstract.append(jax.tree.map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), placed))
+        pool = concurrent.futures.ThreadPoolExecutor(self.compile_ahead,
+                                                     thread_name_prefix="jaxdream-compile")
+        for images_spec, params_spec in abstract:
+            # Errors surface where the program is needed (the render's own _program call).
+            pool.submit(self._program, images_spec, params_spec)
+        return pool
 
 
 def describe_devices() -> str:

@@ -91,12 +91,16 @@ def _describe(value: Any) -> str:
     return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
 
 
+#: JAXDREAM_* variables that never change a traced program.
+_NOT_SWITCHES = ("JAXDREAM_CACHE", "JAXDREAM_COMPILE_AHEAD")
+
+
 def program_key(*parts: Any) -> str:
     """A file name for the program selected by ``parts`` in this environment."""
     device = jax.devices()[0]
     # JAXDREAM_DEPTHWISE / JAXDREAM_MAXPOOL pick the form of a layer at trace time.
     switches = sorted((k, v) for k, v in os.environ.items()
-                      if k.startswith("JAXDREAM_") and k != "JAXDREAM_CACHE")
+                      if k.startswith("JAXDREAM_") and k not in _NOT_SWITCHES)
     identity = [_source_digest(), jax.__version__, jaxlib.__version__, device.platform,
                 getattr(device, "device_kind", ""), os.environ.get("XLA_FLAGS", ""),
                 repr(switches), _cpu_identity(),

@@ -111,3 +111,86 @@ def test_cpu_programs_compile_with_the_measured_options_or_without_unknown_ones(
     program_cache.compile_lowered(lowered)
     assert seen == [{"xla_cpu_no_such_option": True}, None, None]
     assert program_cache._options_known is False
+
+
+# ------------------------------------------------------------------- building ahead in threads
+def _sizes() -> list[np.ndarray]:
+    """Photos of three shape buckets, the first bucket twice (bucket 64: 64x64, 128x64,
+    64x128)."""
+    rng = np.random.default_rng(5)
+    return [rng.uniform(0, 255, shape).astype(np.float32)
+            for shape in ((40, 50, 3), (90, 45, 3), (37, 45, 3), (50, 100, 3))]
+
+
+def test_programs_built_ahead_in_threads_dream_the_same_pixels_and_are_built_once(
+        tiny_model: LoadedModel, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _sizes()
+    params = [PARAMS] * len(images)
+    alone = Engine(tiny_model, SETTINGS, compile_ahead=0)
+    expected = alone.render(images, params)
+    assert alone.stats.programs == 3
+    # Another process: nothing in memory or on disk; two builders take buckets 2 and 3.
+    engine_module._PROGRAMS.clear()
+    for path in store.glob("*.xla"):
+        path.unlink()
+    import threading
+
+    builders: set[str] = set()
+    real_build = Engine._build
+
+    def spy(self: Engine, *args: Any) -> Any:
+        builders.add(threading.current_thread().name)
+        return real_build(self, *args)
+
+    monkeypatch.setattr(Engine, "_build", spy)
+    ahead = Engine(tiny_model, SETTINGS, compile_ahead=2)
+    got = ahead.render(images, params)
+    for out, want in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(out, want)
+    assert ahead.stats.programs == 3  # each bucket's program built once, by one thread
+    assert any(name.startswith("jaxdream-compile") for name in builders), builders
+    assert threading.current_thread().name in builders  # the first bucket: the caller's
+
+
+def test_a_program_that_fails_to_build_ahead_fails_where_it_is_needed(
+        tiny_model: LoadedModel, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_build = Engine._build
+
+    def failing(self: Engine, key: Any, images: Any, params: Any) -> Any:
+        if tuple(images.shape)[1:3] == (64, 128):
+            raise RuntimeError("out of memory building 64x128")
+        return real_build(self, key, images, params)
+
+    monkeypatch.setattr(Engine, "_build", failing)
+    engine = Engine(tiny_model, SETTINGS, compile_ahead=2)
+    done: list[int] = []
+    with pytest.raises(RuntimeError, match="64x128"):
+        for index, _ in engine.render_iter(_sizes(), [PARAMS] * 4):
+            done.append(index)
+    assert sorted(done) == [0, 1, 2]  # the buckets before it were dreamed and handed out
+    assert not engine_module._BUILDING  # nothing left marked as being built
+
+
+@pytest.mark.parametrize("text, expected", [("0", 0), ("3", 3), (" 2 ", 2)])
+def test_compile_ahead_comes_from_the_environment(text: str, expected: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(engine_module.COMPILE_AHEAD_ENV, text)
+    assert engine_module.default_compile_ahead() == expected
+
+
+@pytest.mark.parametrize("text", ["two", "-1", "1.5"])
+def test_a_bad_compile_ahead_value_is_refused_by_name(text: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from jaxdream.errors import ConfigError
+
+    monkeypatch.setenv(engine_module.COMPILE_AHEAD_ENV, text)
+    with pytest.raises(ConfigError, match="JAXDREAM_COMPILE_AHEAD"):
+        engine_module.default_compile_ahead()
+
+
+def test_compile_ahead_never_changes_which_program_a_key_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(engine_module.COMPILE_AHEAD_ENV, raising=False)
+    plain = program_cache.program_key("x")
+    monkeypatch.setenv(engine_module.COMPILE_AHEAD_ENV, "3")
+    assert program_cache.program_key("x") == plain

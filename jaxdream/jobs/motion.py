@@ -114,7 +114,7 @@ def start_pool(settings: JobSettings, recipe: Recipe, weights: str | None, tasks
     actor = ray.remote(MotionWorker).options(
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=dict(plan.resources),
         max_restarts=settings.retries, max_task_retries=0, scheduling_strategy="SPREAD",
-        runtime_env={"env_vars": worker_env(plan.platform)})
+        runtime_env={"env_vars": worker_env(plan.platform, plan.num_cpus)})
     pool = WorkerPool()
     for _ in range(plan.count):
         worker = Worker(actor.remote(os.getcwd(), recipe, weights, settings.batch_size))

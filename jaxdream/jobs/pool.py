@@ -85,16 +85,23 @@ def plan_workers(settings: JobSettings, cluster: Mapping[str, float],
                       num_gpus=float(gpus), resources=resources, platform=platform)
 
 
-def worker_env(platform: str) -> dict[str, str]:
+def worker_env(platform: str, cpus: float = 1.0) -> dict[str, str]:
     """The JAX environment of a worker process, set explicitly rather than inherited.
 
     ``JAX_PLATFORMS`` pins the backend, so a CPU worker on a GPU node never grabs the GPU and
     a GPU worker fails loudly instead of falling back to the CPU. Preallocation is off: JAX
     would otherwise take 75% of the GPU's memory at start, which breaks workers that share a
     GPU (``gpus_per_worker`` below 1) and leaves nothing to anything else on the device.
+    Programs are built ahead by as many threads as the worker has CPUs (at most 4), not as
+    the node has: several workers share a node (the driver's own
+    ``JAXDREAM_COMPILE_AHEAD`` wins).
     """
+    from jaxdream.engine import COMPILE_AHEAD_ENV, builders_for
+
     return {"JAX_PLATFORMS": platform, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-            "TF_CPP_MIN_LOG_LEVEL": "1"}
+            "TF_CPP_MIN_LOG_LEVEL": "1",
+            COMPILE_AHEAD_ENV: os.environ.get(COMPILE_AHEAD_ENV, "").strip()
+            or str(builders_for(cpus))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +251,7 @@ class WorkerPool:
             max_restarts=retries, max_task_retries=0,
             # Across nodes where possible: one node's loss then takes few workers with it.
             scheduling_strategy="SPREAD",
-            runtime_env={"env_vars": worker_env(plan.platform)})
+            runtime_env={"env_vars": worker_env(plan.platform, plan.num_cpus)})
         shards = (config.output_url or str(config.output)) if config.output_shards else ""
         for _ in range(plan.count):
             worker = Worker(actor.remote(os.getcwd(), config.model, weights,
