@@ -5,7 +5,9 @@ sits in the top-left corner and the padding is masked out of the dream, see
 :mod:`jaxdream.ascent`), stacked into batches of a fixed size (the last one padded with a copy
 that is thrown away), and per-image parameters ride along as vmapped arrays. One compiled
 program serves every batch of a bucket; programs are kept for reuse and counted, so a caller
-can report what compiling cost. With several devices the batch axis is sharded across them.
+can report what compiling cost, and the programs of a render's later buckets are built in
+background threads while the first is dreamed. With several devices the batch axis is sharded
+across them.
 """
 
 from __future__ import annotations
