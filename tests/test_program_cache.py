@@ -3,6 +3,7 @@ costs a compile and nothing else, and a program is never reused for other settin
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,6 @@ def test_programs_built_ahead_in_threads_dream_the_same_pixels_and_are_built_onc
     engine_module._PROGRAMS.clear()
     for path in store.glob("*.xla"):
         path.unlink()
-    import threading
-
     builders: set[str] = set()
     real_build = Engine._build
 
