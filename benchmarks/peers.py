@@ -4,6 +4,8 @@
     python benchmarks/peers.py --jobs one,googlenet  # a subset
     python benchmarks/peers.py --big                 # also 100 photos of 200-1600 px
     python benchmarks/peers.py --jobs mixed --tiles 128  # also the opt-in tile engine
+    python benchmarks/peers.py --jobs mixed --tiles 128 --tiles-only --before COMMIT
+                                                     # tile engine, new against old
 
 Every figure is a whole process (or one process per photo, as the peer's README runs it), timed
 from outside, on the same photos with the same settings; jaxdream runs "cold" (an empty cache
@@ -271,6 +273,9 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=0, metavar="T",
                         help="also time the Lite0 jobs with the opt-in tile engine (--tiles T)"
                              ", cold and warm, in the same run")
+    parser.add_argument("--tiles-only", action="store_true",
+                        help="with --tiles: time the Lite0 jobs with the tile engine only "
+                             "(and --before's tile engine), not the whole-image engine")
     parser.add_argument("--smoke", action="store_true",
                         help="one photo per job: checks the set-up, times nothing useful")
     args = parser.parse_args()
@@ -293,9 +298,13 @@ def main() -> None:
     def jaxdream_runs(photos: list[Path], flags: list[str], name: str, tiles: int = 0
                       ) -> list[tuple[str, float, str]]:
         runs = []
-        variants = [("", REPO, [])] + ([(f"{args.before[:7]} ", before, [])] if before else [])
+        variants = [] if tiles and args.tiles_only else [("", REPO, [])] + (
+            [(f"{args.before[:7]} ", before, [])] if before else [])
         if tiles:
             variants.append((f"--tiles {tiles} ", REPO, ["--tiles", str(tiles)]))
+            if before:
+                variants.append((f"{args.before[:7]} --tiles {tiles} ", before,
+                                 ["--tiles", str(tiles)]))
         for tag, root, extra in variants:
             cache = work / f"{name}_{tag.strip().replace(' ', '')}cache"
             for label in ("cold", "warm"):

@@ -62,22 +62,32 @@ def builders_for(cores: float) -> int:
     return max(1, min(4, int(cores)))
 
 
+def process_cores() -> int:
+    """The cores this process may use (its CPU affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def env_count(name: str, default: int) -> int:
+    """A whole number of threads from ``$name`` (0 or more), else ``default``; a bad value is
+    a :class:`ConfigError` naming the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number of threads, got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name}: must be 0 or more, got {value}")
+    return value
+
+
 def default_compile_ahead() -> int:
     """``$JAXDREAM_COMPILE_AHEAD`` if set (0 turns building ahead off), else
     :func:`builders_for` the cores this process may use."""
-    text = os.environ.get(COMPILE_AHEAD_ENV, "").strip()
-    if text:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"{COMPILE_AHEAD_ENV}: expected a whole number of threads, got "
-                              f"{text!r}") from None
-        if value < 0:
-            raise ConfigError(f"{COMPILE_AHEAD_ENV}: must be 0 or more, got {value}")
-        return value
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return builders_for(cores)
+    return env_count(COMPILE_AHEAD_ENV, builders_for(process_cores()))
 
 
 @dataclasses.dataclass(frozen=True)

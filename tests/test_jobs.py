@@ -95,14 +95,15 @@ def test_worker_plan_follows_the_hardware() -> None:
     assert env["JAX_PLATFORMS"] == "cuda" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
-def test_workers_build_programs_ahead_with_their_own_cpus(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("JAXDREAM_COMPILE_AHEAD", raising=False)
-    assert jobs.worker_env("cpu", 1.0)["JAXDREAM_COMPILE_AHEAD"] == "1"
-    assert jobs.worker_env("cpu", 2.0)["JAXDREAM_COMPILE_AHEAD"] == "2"
-    assert jobs.worker_env("cpu", 64.0)["JAXDREAM_COMPILE_AHEAD"] == "4"
-    monkeypatch.setenv("JAXDREAM_COMPILE_AHEAD", "0")  # the user's choice travels
-    assert jobs.worker_env("cpu", 8.0)["JAXDREAM_COMPILE_AHEAD"] == "0"
+@pytest.mark.parametrize("name", ["JAXDREAM_COMPILE_AHEAD", "JAXDREAM_TILE_WORKERS"])
+def test_workers_use_threads_for_their_own_cpus(name: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(name, raising=False)
+    assert jobs.worker_env("cpu", 1.0)[name] == "1"
+    assert jobs.worker_env("cpu", 2.0)[name] == "2"
+    assert jobs.worker_env("cpu", 64.0)[name] == "4"
+    monkeypatch.setenv(name, "0")  # the user's choice travels
+    assert jobs.worker_env("cpu", 8.0)[name] == "0"
 
 
 def test_manifest_reading_survives_a_torn_line_and_keeps_the_last_row(tmp_path: Path) -> None:

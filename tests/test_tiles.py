@@ -4,6 +4,7 @@ for every size, the recipe round trip, its refusals, and that ``tiles: 0`` chang
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdream import tiles
+from jaxdream import engine as engine_module
+from jaxdream import program_cache, tiles
 from jaxdream.ascent import StaticSettings, _objective_gradient
 from jaxdream.engine import ItemParams
 from jaxdream.errors import ConfigError
@@ -51,16 +53,18 @@ def test_a_t_by_t_image_has_the_whole_image_gradient(
                                atol=1e-5 * float(np.abs(tiled).max()))
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 def test_an_image_among_others_is_the_image_alone_and_one_program_serves_all_sizes(
-        tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model: LoadedModel, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tiles, "_PROGRAMS", {})
     settings = StaticSettings(("block2",), octaves=2, steps=2)
     shapes = [(40, 48), (70, 90), (64, 64)]
     images = [_image(10 + i, shape) for i, shape in enumerate(shapes)]
     params = [ItemParams(1.5, 4, seed, (1.0,)) for seed in (0, 1, 2)]
-    engine = tiles.TileEngine(tiny_model, settings, 64)
+    engine = tiles.TileEngine(tiny_model, settings, 64, workers=workers)
     together = engine.render(images, params)
     assert engine.stats.programs == 1, "three sizes, one tile program"
+    assert sorted(index for index, _ in engine.render_iter(images, params)) == [0, 1, 2]
     alone = tiles.TileEngine(tiny_model, settings, 64)
     for image, item, out in zip(images, params, together, strict=True):
         assert out.shape == image.shape and np.abs(out - image).mean() > 0.5
@@ -69,6 +73,53 @@ def test_an_image_among_others_is_the_image_alone_and_one_program_serves_all_siz
     np.testing.assert_array_equal(together[1], alone.render([np.asfortranarray(images[1])],
                                                             [params[1]])[0])
     assert alone.stats.programs == 0, "the process keeps the program"
+
+
+def test_images_in_flight_finish_and_none_starts_after_a_failure(
+        tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[int] = []
+
+    def dream(grad, image, item, settings, tile):  # image i is filled with i
+        index = int(image[0, 0, 0])
+        started.append(index)
+        if index == 1:
+            raise RuntimeError("image 1 broke")
+        time.sleep(0.3)  # image 0 is still running when image 1 fails
+        return image + 1
+
+    monkeypatch.setattr(tiles, "dream_image", dream)
+    engine = tiles.TileEngine(tiny_model, StaticSettings(("block2",)), 64, workers=2)
+    images = [np.full((8, 8, 3), i, np.float32) for i in range(5)]
+    yielded = []
+    with pytest.raises(RuntimeError, match="image 1 broke"):
+        for index, out in engine.render_iter(images, [ItemParams(1.5, 0, 0, (1.0,))] * 5):
+            yielded.append(index)
+            np.testing.assert_array_equal(out, images[index] + 1)
+    assert sorted(started) == [0, 1] and yielded == [0]
+
+
+@pytest.mark.parametrize(("text", "expected"), [("3", 3), (" 0 ", 0), ("", 2)])
+def test_tile_workers_come_from_the_environment(text: str, expected: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "process_cores", lambda: 2)
+    monkeypatch.setenv(tiles.TILE_WORKERS_ENV, text)
+    assert tiles.default_tile_workers() == expected
+
+
+@pytest.mark.parametrize("text", ["two", "-1", "1.5"])
+def test_a_bad_tile_workers_value_is_refused_by_name(text: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tiles.TILE_WORKERS_ENV, text)
+    with pytest.raises(ConfigError, match="JAXDREAM_TILE_WORKERS"):
+        tiles.default_tile_workers()
+
+
+def test_tile_workers_never_change_which_program_a_key_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tiles.TILE_WORKERS_ENV, raising=False)
+    plain = program_cache.program_key("x")
+    monkeypatch.setenv(tiles.TILE_WORKERS_ENV, "3")
+    assert program_cache.program_key("x") == plain
 
 
 def _pixels(path: Path) -> np.ndarray:

@@ -92,16 +92,18 @@ def worker_env(platform: str, cpus: float = 1.0) -> dict[str, str]:
     a GPU worker fails loudly instead of falling back to the CPU. Preallocation is off: JAX
     would otherwise take 75% of the GPU's memory at start, which breaks workers that share a
     GPU (``gpus_per_worker`` below 1) and leaves nothing to anything else on the device.
-    Programs are built ahead by as many threads as the worker has CPUs (at most 4), not as
-    the node has: several workers share a node (the driver's own
-    ``JAXDREAM_COMPILE_AHEAD`` wins).
+    Programs are built ahead, and the tile engine dreams images at once, by as many threads
+    as the worker has CPUs (at most 4), not as the node has: several workers share a node
+    (the driver's own ``JAXDREAM_COMPILE_AHEAD`` and ``JAXDREAM_TILE_WORKERS`` win).
     """
     from jaxdream.engine import COMPILE_AHEAD_ENV, builders_for
+    from jaxdream.tiles import TILE_WORKERS_ENV
 
-    return {"JAX_PLATFORMS": platform, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-            "TF_CPP_MIN_LOG_LEVEL": "1",
-            COMPILE_AHEAD_ENV: os.environ.get(COMPILE_AHEAD_ENV, "").strip()
-            or str(builders_for(cpus))}
+    env = {"JAX_PLATFORMS": platform, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "TF_CPP_MIN_LOG_LEVEL": "1"}
+    for name in (COMPILE_AHEAD_ENV, TILE_WORKERS_ENV):
+        env[name] = os.environ.get(name, "").strip() or str(builders_for(cpus))
+    return env
 
 
 @dataclasses.dataclass(frozen=True)
