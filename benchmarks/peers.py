@@ -248,7 +248,7 @@ def compare(name: str, work: str, peer_name: str, peer_seconds: float,
         ratio = "-" if peer_seconds != peer_seconds else f"{seconds / peer_seconds:.2f}"
         if " " in label and not label.startswith("--"):  # an older jaxdream (--before):
             # also say how much faster now is
-            ratio += f" (now / this: {now[label.split()[-1]] / seconds:.2f})"
+            ratio += f" (now / this: {now[label.split(' ', 1)[1]] / seconds:.2f})"
         peer = "not run" if peer_seconds != peer_seconds else f"{peer_seconds:.1f} s"
         line = (f"| {work} | {label} | {seconds:.1f} s | {peer_name}: {peer} | "
                 f"{ratio} | {built} | {load()} |")
