@@ -88,11 +88,16 @@ def draw_shift(rng: np.random.Generator, shape: tuple[int, int], jitter: int, ti
     return int(shift[0]), int(shift[1])
 
 
-def image_gradient(grad: TileGrad, x: np.ndarray, shift: tuple[int, int], tile: int
-                   ) -> np.ndarray:
+def _tile_gradient(grad: TileGrad, tiles: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    return np.asarray(grad(tiles, masks))
+
+
+def image_gradient(grad: TileGrad, x: np.ndarray, shift: tuple[int, int], tile: int,
+                   pool: concurrent.futures.Executor | None = None) -> np.ndarray:
     """d objective / d x of an H x W x 3 image evaluated on x rolled by ``shift``, tile by
     tile: equal T x T tiles (``ascent.tile_starts``; overlaps summed), a side shorter than T
-    edge-padded at its end with the padding masked out and its gradient dropped."""
+    edge-padded at its end with the padding masked out and its gradient dropped. With a
+    ``pool`` the tiles are computed on its threads; they are added up in the same order."""
     height, width = x.shape[:2]
     rolled = np.roll(x, shift, axis=(0, 1))
     th, tw = min(tile, height), min(tile, width)
@@ -104,9 +109,12 @@ def image_gradient(grad: TileGrad, x: np.ndarray, shift: tuple[int, int], tile: 
         piece = rolled[r:r + th, c:c + tw]
         if th < tile or tw < tile:
             piece = np.pad(piece, ((0, tile - th), (0, tile - tw), (0, 0)), mode="edge")
-        pending.append(grad(piece[None], mask))
+        pending.append(grad(piece[None], mask) if pool is None
+                       else pool.submit(_tile_gradient, grad, piece[None], mask))
     out = np.zeros_like(rolled)
     for (r, c), tile_grad in zip(starts, pending, strict=True):
+        if pool is not None:
+            tile_grad = tile_grad.result()
         out[r:r + th, c:c + tw] += np.asarray(tile_grad)[0, :th, :tw]
     return np.roll(out, (-shift[0], -shift[1]), axis=(0, 1))
 
@@ -120,8 +128,10 @@ def ascent_update(x: np.ndarray, grad: np.ndarray, step_size: float) -> np.ndarr
 
 
 def dream_image(grad: TileGrad, image: np.ndarray, params: ItemParams,
-                settings: StaticSettings, tile: int) -> np.ndarray:
-    """The dream of one H x W x 3 image (0..255), octave by octave, with its own generator."""
+                settings: StaticSettings, tile: int,
+                pool: concurrent.futures.Executor | None = None) -> np.ndarray:
+    """The dream of one H x W x 3 image (0..255), octave by octave, with its own generator
+    (a ``pool`` computes its tiles on threads, see :func:`image_gradient`)."""
     rng = np.random.default_rng(params.seed)
     shapes = octave_shapes(image.shape[0], image.shape[1], settings.octaves,
                            settings.octave_scale)
@@ -134,7 +144,8 @@ def dream_image(grad: TileGrad, image: np.ndarray, params: ItemParams,
         x = base if detail is None else base + resize_aligned(detail, base.shape[:2])
         for _ in range(settings.steps):
             shift = draw_shift(rng, x.shape[:2], params.jitter, tile)
-            x = ascent_update(x, image_gradient(grad, x, shift, tile), params.step_size)
+            x = ascent_update(x, image_gradient(grad, x, shift, tile, pool),
+                              params.step_size)
         detail = x - base
     return x
 
@@ -238,16 +249,21 @@ class TileEngine:
         ``workers`` images are dreamed at once, each on its own thread with its own generator,
         so its pixels are the ones it gets alone. A 128-px tile is too small a call to keep
         both of XLA's threads busy, and the NumPy work between a step's tiles leaves the cores
-        idle; a second image in flight fills both gaps (README, Speed). If an image fails, no
-        image after it is started, the others in flight are handed out, then its error is
-        raised.
+        idle; a second image in flight fills both gaps (README, Speed). One image alone has its
+        tiles computed on the workers instead. If an image fails, no image after it is
+        started, the others in flight are handed out, then its error is raised.
         """
         if len(images) != len(params):
             raise ValueError("images and params differ in length")
-        if self.workers <= 1 or len(images) <= 1:
+        if self.workers <= 1:
             for index, (image, item) in enumerate(zip(images, params, strict=True)):
                 yield index, dream_image(self.gradient_function(item), image, item,
                                          self.settings, self.tile)
+            return
+        if len(images) == 1:  # one image: its tiles share the workers instead
+            with concurrent.futures.ThreadPoolExecutor(self.workers, "jaxdream-tiles") as pool:
+                yield 0, dream_image(self.gradient_function(params[0]), images[0], params[0],
+                                     self.settings, self.tile, pool)
             return
         waiting = iter(range(len(images)))
         running: dict[concurrent.futures.Future[np.ndarray], int] = {}

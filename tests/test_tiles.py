@@ -65,7 +65,7 @@ def test_an_image_among_others_is_the_image_alone_and_one_program_serves_all_siz
     together = engine.render(images, params)
     assert engine.stats.programs == 1, "three sizes, one tile program"
     assert sorted(index for index, _ in engine.render_iter(images, params)) == [0, 1, 2]
-    alone = tiles.TileEngine(tiny_model, settings, 64)
+    alone = tiles.TileEngine(tiny_model, settings, 64, workers=2)  # its tiles on 2 threads
     for image, item, out in zip(images, params, together, strict=True):
         assert out.shape == image.shape and np.abs(out - image).mean() > 0.5
         np.testing.assert_array_equal(out, alone.render([image], [item])[0])
