@@ -19,6 +19,7 @@ Supported: objective ``l2`` or ``channel``, normaliser ``mean``, update ``ascent
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -127,11 +128,17 @@ def ascent_update(x: np.ndarray, grad: np.ndarray, step_size: float) -> np.ndarr
     return np.clip(x + scale * grad, 0.0, 255.0).astype(np.float32)
 
 
+class Stopped(Exception):
+    """A dream given up between two steps because its ``stop`` event was set."""
+
+
 def dream_image(grad: TileGrad, image: np.ndarray, params: ItemParams,
                 settings: StaticSettings, tile: int,
-                pool: concurrent.futures.Executor | None = None) -> np.ndarray:
+                pool: concurrent.futures.Executor | None = None,
+                stop: threading.Event | None = None) -> np.ndarray:
     """The dream of one H x W x 3 image (0..255), octave by octave, with its own generator
-    (a ``pool`` computes its tiles on threads, see :func:`image_gradient`)."""
+    (a ``pool`` computes its tiles on threads, see :func:`image_gradient`); raises
+    :class:`Stopped` at the next step once ``stop`` is set."""
     rng = np.random.default_rng(params.seed)
     shapes = octave_shapes(image.shape[0], image.shape[1], settings.octaves,
                            settings.octave_scale)
@@ -143,6 +150,8 @@ def dream_image(grad: TileGrad, image: np.ndarray, params: ItemParams,
     for base in reversed(bases):
         x = base if detail is None else base + resize_aligned(detail, base.shape[:2])
         for _ in range(settings.steps):
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped")
             shift = draw_shift(rng, x.shape[:2], params.jitter, tile)
             x = ascent_update(x, image_gradient(grad, x, shift, tile, pool),
                               params.step_size)
@@ -268,6 +277,7 @@ class TileEngine:
         waiting = iter(range(len(images)))
         running: dict[concurrent.futures.Future[np.ndarray], int] = {}
         failure: list[BaseException] = []
+        stop = threading.Event()  # set when the caller stops asking (an error, Ctrl-C)
         pool = concurrent.futures.ThreadPoolExecutor(self.workers, "jaxdream-tiles")
 
         def start_next() -> None:
@@ -280,7 +290,7 @@ class TileEngine:
                 failure.append(error)
                 return
             running[pool.submit(dream_image, grad, images[index], params[index],
-                                self.settings, self.tile)] = index
+                                self.settings, self.tile, None, stop)] = index
 
         try:
             for _ in range(self.workers):
@@ -298,7 +308,8 @@ class TileEngine:
                     yield index, future.result()
             if failure:
                 raise failure[0]
-        finally:
+        finally:  # dreams still running stop at their next step; none is left behind
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
 
     def render(self, images: Sequence[np.ndarray], params: Sequence[ItemParams]

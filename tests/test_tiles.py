@@ -79,7 +79,7 @@ def test_images_in_flight_finish_and_none_starts_after_a_failure(
         tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[int] = []
 
-    def dream(grad, image, item, settings, tile):  # image i is filled with i
+    def dream(grad, image, item, settings, tile, *rest):  # image i is filled with i
         index = int(image[0, 0, 0])
         started.append(index)
         if index == 1:
@@ -96,6 +96,27 @@ def test_images_in_flight_finish_and_none_starts_after_a_failure(
             yielded.append(index)
             np.testing.assert_array_equal(out, images[index] + 1)
     assert sorted(started) == [0, 1] and yielded == [0]
+
+
+def test_images_in_flight_stop_at_their_next_step_when_the_caller_stops(
+        tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {8: 0, 16: 0}
+
+    def gradient(grad, x, shift, tile, pool=None):  # the 16-px image is the slow one
+        calls[x.shape[0]] += 1
+        time.sleep(0.02 if x.shape[0] == 16 else 0)
+        return np.zeros_like(x)
+
+    monkeypatch.setattr(tiles, "image_gradient", gradient)
+    settings = StaticSettings(("block2",), octaves=1, steps=500)
+    engine = tiles.TileEngine(tiny_model, settings, 64, workers=2)
+    images = [np.ones((16, 16, 3), np.float32), np.ones((8, 8, 3), np.float32)]
+    dreams = engine.render_iter(images, [ItemParams(1.5, 0, 0, (1.0,))] * 2)
+    assert next(dreams)[0] == 1, "the fast image finishes first"
+    start = time.perf_counter()
+    dreams.close()  # as a Ctrl-C or a failed write would
+    assert time.perf_counter() - start < 2.0, "close waited for the slow image's 500 steps"
+    assert calls[8] == 500 and 0 < calls[16] < 500
 
 
 @pytest.mark.parametrize(("text", "expected"), [("3", 3), (" 0 ", 0), ("", 2)])
