@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxdream import engine as engine_module
-from jaxdream import program_cache
+from jaxdream import program_cache, tiles
 from jaxdream.ascent import StaticSettings
 from jaxdream.engine import Engine, ItemParams
 from jaxdream.models import LoadedModel
@@ -170,26 +170,35 @@ def test_a_program_that_fails_to_build_ahead_fails_where_it_is_needed(
     assert not engine_module._BUILDING  # nothing left marked as being built
 
 
-@pytest.mark.parametrize("text, expected", [("0", 0), ("3", 3), (" 2 ", 2)])
-def test_compile_ahead_comes_from_the_environment(text: str, expected: int,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(engine_module.COMPILE_AHEAD_ENV, text)
-    assert engine_module.default_compile_ahead() == expected
+#: The thread-count variables: (name, the function that reads it).
+THREAD_COUNTS = [(engine_module.COMPILE_AHEAD_ENV, engine_module.default_compile_ahead),
+                 (tiles.TILE_WORKERS_ENV, tiles.default_tile_workers)]
 
 
+@pytest.mark.parametrize("name, read", THREAD_COUNTS)
+@pytest.mark.parametrize("text, expected", [("0", 0), ("3", 3), (" 2 ", 2), ("", 2)])
+def test_thread_counts_come_from_the_environment(name: str, read: Any, text: str, expected: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "process_cores", lambda: 2)  # unset: one per core
+    monkeypatch.setenv(name, text)
+    assert read() == expected
+
+
+@pytest.mark.parametrize("name, read", THREAD_COUNTS)
 @pytest.mark.parametrize("text", ["two", "-1", "1.5"])
-def test_a_bad_compile_ahead_value_is_refused_by_name(text: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_thread_count_is_refused_by_name(name: str, read: Any, text: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from jaxdream.errors import ConfigError
 
-    monkeypatch.setenv(engine_module.COMPILE_AHEAD_ENV, text)
-    with pytest.raises(ConfigError, match="JAXDREAM_COMPILE_AHEAD"):
-        engine_module.default_compile_ahead()
+    monkeypatch.setenv(name, text)
+    with pytest.raises(ConfigError, match=name):
+        read()
 
 
-def test_compile_ahead_never_changes_which_program_a_key_names(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(engine_module.COMPILE_AHEAD_ENV, raising=False)
+@pytest.mark.parametrize("name, read", THREAD_COUNTS)
+def test_thread_counts_never_change_which_program_a_key_names(
+        name: str, read: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(name, raising=False)
     plain = program_cache.program_key("x")
-    monkeypatch.setenv(engine_module.COMPILE_AHEAD_ENV, "3")
+    monkeypatch.setenv(name, "3")
     assert program_cache.program_key("x") == plain

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdream import engine as engine_module
-from jaxdream import program_cache, tiles
+from jaxdream import tiles
 from jaxdream.ascent import StaticSettings, _objective_gradient
 from jaxdream.engine import ItemParams
 from jaxdream.errors import ConfigError
@@ -117,30 +116,6 @@ def test_images_in_flight_stop_at_their_next_step_when_the_caller_stops(
     dreams.close()  # as a Ctrl-C or a failed write would
     assert time.perf_counter() - start < 2.0, "close waited for the slow image's 500 steps"
     assert calls[8] == 500 and 0 < calls[16] < 500
-
-
-@pytest.mark.parametrize(("text", "expected"), [("3", 3), (" 0 ", 0), ("", 2)])
-def test_tile_workers_come_from_the_environment(text: str, expected: int,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "process_cores", lambda: 2)
-    monkeypatch.setenv(tiles.TILE_WORKERS_ENV, text)
-    assert tiles.default_tile_workers() == expected
-
-
-@pytest.mark.parametrize("text", ["two", "-1", "1.5"])
-def test_a_bad_tile_workers_value_is_refused_by_name(text: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(tiles.TILE_WORKERS_ENV, text)
-    with pytest.raises(ConfigError, match="JAXDREAM_TILE_WORKERS"):
-        tiles.default_tile_workers()
-
-
-def test_tile_workers_never_change_which_program_a_key_names(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(tiles.TILE_WORKERS_ENV, raising=False)
-    plain = program_cache.program_key("x")
-    monkeypatch.setenv(tiles.TILE_WORKERS_ENV, "3")
-    assert program_cache.program_key("x") == plain
 
 
 def _pixels(path: Path) -> np.ndarray:
