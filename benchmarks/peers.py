@@ -6,6 +6,7 @@
     python benchmarks/peers.py --jobs mixed --tiles 128  # also the opt-in tile engine
     python benchmarks/peers.py --jobs mixed --tiles 128 --tiles-only --before COMMIT
                                                      # tile engine, new against old
+    python benchmarks/peers.py --jobs vgg16,one --exact  # also photos at their exact size
 
 Every figure is a whole process (or one process per photo, as the peer's README runs it), timed
 from outside, on the same photos with the same settings; jaxdream runs "cold" (an empty cache
@@ -276,6 +277,9 @@ def main() -> None:
     parser.add_argument("--tiles-only", action="store_true",
                         help="with --tiles: time the Lite0 jobs with the tile engine only "
                              "(and --before's tile engine), not the whole-image engine")
+    parser.add_argument("--exact", action="store_true",
+                        help="also time every job with --shape-bucket 1 (each photo dreamed "
+                             "at its exact size, no bucket padding), cold and warm")
     parser.add_argument("--smoke", action="store_true",
                         help="one photo per job: checks the set-up, times nothing useful")
     args = parser.parse_args()
@@ -300,6 +304,8 @@ def main() -> None:
         runs = []
         variants = [] if tiles and args.tiles_only else [("", REPO, [])] + (
             [(f"{args.before[:7]} ", before, [])] if before else [])
+        if args.exact:
+            variants.append(("--shape-bucket 1 ", REPO, ["--shape-bucket", "1"]))
         if tiles:
             variants.append((f"--tiles {tiles} ", REPO, ["--tiles", str(tiles)]))
             if before:

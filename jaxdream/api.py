@@ -238,16 +238,13 @@ class Dreamer:
 
     def _engine(self, recipe: Any) -> Any:
         from jaxdream.engine import default_batch_size
+        from jaxdream.tiles import engine_key, make_engine
 
-        from jaxdream.engine import static_settings
-
-        from jaxdream.tiles import make_engine
-
-        key = (static_settings(recipe), recipe.tiles)
+        key = engine_key(recipe)
         if key not in self._engines:
             # tiles > 0: the tile engine (jaxdream.tiles), as `jaxdream dream` chooses it.
             self._engines[key] = make_engine(
-                self.model, key[0], recipe.tiles, self.batch_size or default_batch_size(),
+                self.model, key, self.batch_size or default_batch_size(),
                 compute_dtype=self.compute_dtype)
         return self._engines[key]
 
@@ -255,11 +252,12 @@ class Dreamer:
     def _render(self, jobs: Sequence[tuple[np.ndarray, Any]]) -> list[np.ndarray]:
         from tqdm.auto import tqdm
 
-        from jaxdream.engine import item_params, static_settings
+        from jaxdream.engine import item_params
+        from jaxdream.tiles import engine_key
 
         groups: dict[Any, list[int]] = {}
         for index, (_, recipe) in enumerate(jobs):
-            groups.setdefault((static_settings(recipe), recipe.tiles), []).append(index)
+            groups.setdefault(engine_key(recipe), []).append(index)
         results: list[np.ndarray | None] = [None] * len(jobs)
         with tqdm(total=len(jobs), unit="img", desc="dreaming",
                   disable=not self.progress) as bar:
@@ -374,7 +372,7 @@ def dream(image: ImageLike, *, model: str = "efficientnet_lite0",
     2 * layer("block10")``), ``octaves``, ``octave_scale``, ``steps``, ``step_size``,
     ``jitter``, ``seed``, ``max_side``, ``objective``, ``channels``, ``guide``,
     ``normaliser``, ``update``, ``tile_size``, ``tile_above``, ``tiles`` (the opt-in tile
-    engine, :mod:`jaxdream.tiles`).
+    engine, :mod:`jaxdream.tiles`), ``shape_bucket`` (1: dream at the exact size, no padding).
 
     Returns a :class:`DreamImage` (a PIL image that saves its recipe into the PNG) for a path
     or PIL input, and an array of the input's dtype for an array.

@@ -38,14 +38,15 @@ from jaxdream.models import LoadedModel
 from jaxdream.models.layers import compute_dtype as compute_dtype_of_networks
 from jaxdream.models.weights import cache_root
 from jaxdream.objectives import Term, TermParams, term_params
-from jaxdream.recipe import Recipe
+from jaxdream.recipe import DEFAULT_SHAPE_BUCKET, Recipe
 
 #: Guide images are squeezed to this square before their features are taken, so every guide
 #: gives features of one shape (the original notebook used a 224 x 224 crop).
 GUIDE_SIDE = 224
 
-#: Default bucket granularity in pixels: at most 63 pixels of padding per side.
-DEFAULT_BUCKET = 64
+#: Default bucket granularity in pixels (a recipe's ``shape_bucket``): at most 63 pixels of
+#: padding per side.
+DEFAULT_BUCKET = DEFAULT_SHAPE_BUCKET
 
 #: Compiled programs kept per process (least recently used ones are dropped).
 MAX_PROGRAMS = 64

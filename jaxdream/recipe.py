@@ -23,6 +23,9 @@ from jaxdream.errors import ConfigError, brief, first_few
 
 MAX_SEED = 2**32 - 1
 
+#: The whole-image engine's default shape bucket: at most 63 pixels of padding per side.
+DEFAULT_SHAPE_BUCKET = 64
+
 #: The kinds of each choice, with the help text the CLI shows; every other module reads these.
 OBJECTIVES = {
     "l2": "the layers' energy (classic)",
@@ -133,6 +136,15 @@ class Recipe:
     tiles: int = _setting(0, "tile engine: one compiled TILES x TILES program for every image "
                              "size (64..512, a multiple of 32; l2 or channel objective, mean "
                              "normaliser, ascent); 0: the whole-image engine")
+    #: The whole-image engine dreams each image in a buffer whose sides are rounded up to a
+    #: multiple of ``shape_bucket`` (the padding copies the edge and is masked out), so photos
+    #: of nearby sizes share a compiled program. The jitter roll wraps at the buffer's edge, so
+    #: the value decides pixels; 1 dreams every image at its exact size, as the 2015 notebook
+    #: rolls the image itself. The tile engine always works at the exact size.
+    shape_bucket: int = _setting(DEFAULT_SHAPE_BUCKET, "whole-image engine: pad each side to a multiple of this "
+                                     "so nearby sizes share a compiled program; 1 dreams each "
+                                     "image at its exact size (no padding: fewer pixels, one "
+                                     "program per distinct size)")
 
     def validate(self, source: str = "recipe") -> Recipe:
         """Returns self if every value is possible, else raises ConfigError naming the key."""
@@ -204,6 +216,10 @@ class Recipe:
         if self.tile_above and self.tile_size < 64:
             raise bad("tile_size", f"must be at least 64 pixels when tiling, got "
                                    f"{self.tile_size}")
+        if (isinstance(self.shape_bucket, bool) or not isinstance(self.shape_bucket, int)
+                or not 1 <= self.shape_bucket <= 512):
+            raise bad("shape_bucket", f"expected a side multiple of 1..512 pixels (1: each "
+                                      f"image at its exact size), got {brief(self.shape_bucket)}")
         self._validate_tiles(bad)
         return self
 
@@ -265,6 +281,8 @@ class Recipe:
         }
         if self.tiles:  # absent at 0: older recipes keep their JSON and their ids
             data["tiles"] = self.tiles
+        if self.shape_bucket != DEFAULT_SHAPE_BUCKET:  # absent at 64, as every older recipe
+            data["shape_bucket"] = self.shape_bucket
         if extra:
             data.update(extra)
         return data

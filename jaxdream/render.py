@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdream import storage
-from jaxdream.engine import CompileStats, default_batch_size, item_params, static_settings
+from jaxdream.engine import CompileStats, default_batch_size, item_params
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import output_folder
 from jaxdream.images import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, _check_file_size,
@@ -34,7 +34,7 @@ from jaxdream.models import load_model
 from jaxdream.shards import MEMBER, read_member
 from jaxdream.storage import is_url
 from jaxdream.tables import read_row
-from jaxdream.tiles import make_engine
+from jaxdream.tiles import engine_key, make_engine
 from jaxdream.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -217,14 +217,13 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
     groups: dict[tuple[Any, ...], list[int]] = {}
     for index, item in enumerate(items):
         recipe = item.recipe
-        groups.setdefault((recipe.model, static_settings(recipe), recipe.tiles), []
-                          ).append(index)
+        groups.setdefault((recipe.model, engine_key(recipe)), []).append(index)
 
     # No bar without items: tqdm would draw an empty one at start and again at close.
     bar = tqdm(total=len(items), unit="img", disable=not progress or not items,
                file=sys.stderr, desc="dreaming")
     try:
-        for (model_name, settings, tiles), members in groups.items():
+        for (model_name, key), members in groups.items():
             todo: list[int] = []
             for index in members:
                 item = items[index]
@@ -239,7 +238,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                 continue
             model = load_model(model_name, weights)
             # tiles > 0: the tile engine (jaxdream.tiles), one program for every size.
-            engine = make_engine(model, settings, tiles, batch_size or default_batch_size())
+            engine = make_engine(model, key, batch_size or default_batch_size())
             for chunk in _chunks(todo, CHUNK):
                 images: list[np.ndarray] = []
                 loaded: list[int] = []

@@ -36,6 +36,7 @@ from jaxdream.engine import CompileStats, ItemParams
 from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
 from jaxdream.objectives import Term, TermParams, evaluate, term_params
+from jaxdream.recipe import Recipe
 
 #: Objectives whose value is a sum over feature positions, so tiles can add up to the image's.
 TILE_OBJECTIVES = ("l2", "channel")
@@ -321,10 +322,23 @@ class TileEngine:
         return out  # type: ignore[return-value]
 
 
-def make_engine(model: LoadedModel, settings: StaticSettings, tiles: int, batch_size: int,
+#: What selects an engine for a recipe: (program settings, tile side, shape bucket).
+EngineKey = tuple[StaticSettings, int, int]
+
+
+def engine_key(recipe: Recipe) -> EngineKey:
+    """The engine ``recipe`` needs; recipes with equal keys share one (and its programs). The
+    tile engine works at each image's exact size, so its key's bucket is 0."""
+    return (engine_module.static_settings(recipe), recipe.tiles,
+            0 if recipe.tiles else recipe.shape_bucket)
+
+
+def make_engine(model: LoadedModel, key: EngineKey, batch_size: int,
                 **engine_options: Any) -> Any:
-    """The engine a recipe asks for: the tile engine for ``tiles > 0``, else the whole-image
-    :class:`jaxdream.engine.Engine` with ``engine_options``."""
+    """The engine of ``key`` (:func:`engine_key`): the tile engine for ``tiles > 0``, else the
+    whole-image :class:`jaxdream.engine.Engine` with the key's shape bucket and
+    ``engine_options``."""
+    settings, tiles, bucket = key
     if tiles:
         dtype = engine_options.get("compute_dtype")
         if dtype not in (None, "float32"):
@@ -333,4 +347,4 @@ def make_engine(model: LoadedModel, settings: StaticSettings, tiles: int, batch_
         return TileEngine(model, settings, tiles, batch_size)
     from jaxdream.engine import Engine
 
-    return Engine(model, settings, batch_size=batch_size, **engine_options)
+    return Engine(model, settings, batch_size=batch_size, bucket=bucket, **engine_options)

@@ -77,6 +77,17 @@ def test_the_second_dream_of_a_size_compiles_nothing(dreamer: jaxdream.Dreamer) 
     assert dreamer.stats.programs == built
 
 
+def test_an_exact_size_dream_is_its_own_engine_and_program(dreamer: jaxdream.Dreamer) -> None:
+    photo = np.full((40, 56, 3), 90, np.uint8)
+    photo[10:30, 20:40] = 200
+    padded = dreamer.dream(photo, **QUICK)  # dreamed in a 64 x 64 buffer
+    built = dreamer.stats.programs
+    exact = dreamer.dream(photo, **QUICK, shape_bucket=1)  # in a 40 x 56 one
+    assert dreamer.stats.programs == built + 1
+    assert exact.shape == photo.shape and not np.array_equal(exact, padded)
+    assert np.array_equal(dreamer.dream(photo, **QUICK), padded)
+
+
 def test_a_grid_of_per_image_settings_is_one_program_and_a_sheet(
         dreamer: jaxdream.Dreamer) -> None:
     photo = np.asarray(Image.open(CAT).convert("RGB").resize((48, 32)))

@@ -94,6 +94,25 @@ def test_recipe_rerenders_the_same_image_and_runs_are_byte_identical(
     capsys.readouterr()
 
 
+def test_an_exact_size_recipe_renders_again_identically(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --shape-bucket 1 dreams chelsea (64x43 here) at its own size, not in a 64x64 buffer: the
+    # recipe says so, re-renders the same pixels, and the padded default dreams other ones.
+    photo = str(EXAMPLES / "chelsea.jpg")
+    assert main(["dream", photo, "-o", str(tmp_path / "a"), "--shape-bucket", "1", *FAST]) == 0
+    exact = tmp_path / "a" / "chelsea_dream.png"
+    assert read_recipe(exact)["shape_bucket"] == 1
+    assert main(["dream", photo, "-o", str(tmp_path / "b"), "--recipe", str(exact), "-q"]) == 0
+    again = tmp_path / "b" / "chelsea_dream.png"
+    np.testing.assert_array_equal(_pixels(again), _pixels(exact))
+    assert read_recipe(again) == read_recipe(exact)
+    assert main(["dream", photo, "-o", str(tmp_path / "c"), *FAST]) == 0
+    padded = tmp_path / "c" / "chelsea_dream.png"
+    assert "shape_bucket" not in read_recipe(padded)  # 64: older recipes keep their JSON
+    assert not np.array_equal(_pixels(padded), _pixels(exact))
+    capsys.readouterr()
+
+
 def test_outputs_never_overwrite_inputs_and_existing_outputs_are_kept(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "photos"
@@ -141,6 +160,8 @@ def test_colliding_names_get_distinct_deterministic_outputs(tmp_path: Path) -> N
     (["--preset", "nope"], "unknown preset"),
     (["--model", "nope"], "unknown model"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--shape-bucket", "0"], "--shape-bucket: expected a side multiple of 1..512"),
+    (["--shape-bucket", "1000"], "--shape-bucket: expected a side multiple of 1..512"),
     (["--weights", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
 ])
 def test_impossible_options_are_one_clear_error(option: list[str], message: str, tmp_path: Path,

@@ -257,6 +257,8 @@ def test_inputs_that_match_nothing(photos: Path, entry: str, reason: str) -> Non
     (BASE + "dream: {objective: channel}\n", "dream.channels", "needs at least one channel"),
     (BASE + "dream: {channels: [a]}\n", "dream.channels[0]", "expected an integer"),
     (BASE + "dream: {guide: ''}\n", "dream.guide", "expected a path"),
+    (BASE + "dream: {shape_bucket: 0}\n", "dream.shape_bucket", "multiple of 1..512"),
+    (BASE + "grid: {shape_bucket: [1, 64, 600]}\n", "grid.shape_bucket[2]", "1..512"),
     (BASE + "grid: {step_size: [0.5, 1, 0]}\n", "grid.step_size[2]", "positive"),
     (BASE + "grid: {step_size: []}\n", "grid.step_size", "non-empty list"),
     (BASE + "grid: {step_size: 1.5}\n", "grid.step_size", "non-empty list"),

@@ -228,6 +228,24 @@ def test_mixed_sizes_batch_matches_each_alone_and_compiles_per_bucket(
         np.testing.assert_allclose(out, alone.render([image], [p])[0], atol=0.05)
 
 
+def test_an_exact_size_bucket_dreams_the_image_itself(tiny_model: LoadedModel) -> None:
+    # shape_bucket 1: the buffer is the image, so the jitter roll wraps the image onto itself
+    # (the notebook's np.roll) instead of onto edge padding.
+    settings = StaticSettings(("block2",), octaves=2, steps=3)
+    image, item = _image(21, (37, 45)), ItemParams(1.5, 6, 0, (1.0,))
+    exact = Engine(tiny_model, settings, bucket=1).render([image], [item])[0]
+    unpadded = np.asarray(_dream(tiny_model, settings)(
+        image, _params(jitter=6, shape=(37, 45), settings=settings)))
+    np.testing.assert_allclose(exact, unpadded, atol=0.05)
+    padded = Engine(tiny_model, settings, bucket=64).render([image], [item])[0]
+    assert np.abs(padded - exact).mean() > 0.5, "the wrap at the buffer's edge decides pixels"
+    # A size that is already a multiple of 64 has no padding to drop: the same dream.
+    square = _image(22, (64, 128))
+    np.testing.assert_array_equal(
+        Engine(tiny_model, settings, bucket=1).render([square], [item])[0],
+        Engine(tiny_model, settings, bucket=64).render([square], [item])[0])
+
+
 def test_a_grid_over_dynamic_parameters_compiles_once(tiny_model: LoadedModel) -> None:
     settings = StaticSettings(("block1", "block2"), octaves=1, steps=2)
     engine = Engine(tiny_model, settings, batch_size=4)

@@ -17,14 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxdream.engine import ItemParams, default_batch_size, item_params, static_settings
+from jaxdream.engine import ItemParams, default_batch_size, item_params
 from jaxdream.errors import ConfigError, JaxdreamError
 from jaxdream.images import load_rgb, save_png, to_uint8
 from jaxdream.models import LoadedModel, load_model
 from jaxdream.motion.schedules import DREAM_KEYS, Bounds, Schedule, check_bounds, parse_schedule
 from jaxdream.motion.videoio import frame_name
 from jaxdream.recipe import Recipe
-from jaxdream.tiles import make_engine
+from jaxdream.tiles import engine_key, make_engine
 
 
 ANIMATION_FILE = "animation.json"
@@ -100,12 +100,12 @@ class Engines:
         results: list[np.ndarray | None] = [None] * len(starts)
         groups: dict[Any, list[int]] = {}
         for index, recipe in enumerate(recipes):
-            groups.setdefault((static_settings(recipe), recipe.tiles), []).append(index)
+            groups.setdefault(engine_key(recipe), []).append(index)
         for key, members in groups.items():
             engine = self._engines.get(key)
             if engine is None:  # tiles > 0: the tile engine, as `jaxdream dream` chooses it
                 engine = self._engines[key] = make_engine(
-                    self.model, key[0], key[1], min(self.batch_size, len(members)))
+                    self.model, key, min(self.batch_size, len(members)))
             params: list[ItemParams] = [item_params(recipes[i]) for i in members]
             for slot, out in enumerate(engine.render([starts[i] for i in members], params)):
                 results[members[slot]] = out
