@@ -141,10 +141,11 @@ class Recipe:
     #: of nearby sizes share a compiled program. The jitter roll wraps at the buffer's edge, so
     #: the value decides pixels; 1 dreams every image at its exact size, as the 2015 notebook
     #: rolls the image itself. The tile engine always works at the exact size.
-    shape_bucket: int = _setting(DEFAULT_SHAPE_BUCKET, "whole-image engine: pad each side to a multiple of this "
-                                     "so nearby sizes share a compiled program; 1 dreams each "
-                                     "image at its exact size (no padding: fewer pixels, one "
-                                     "program per distinct size)")
+    shape_bucket: int = _setting(
+        DEFAULT_SHAPE_BUCKET, "whole-image engine: pad each side to a multiple of this so "
+                              "nearby sizes share a compiled program; 1 dreams each image at "
+                              "its exact size (no padding: fewer pixels, one program per "
+                              "distinct size)")
 
     def validate(self, source: str = "recipe") -> Recipe:
         """Returns self if every value is possible, else raises ConfigError naming the key."""
