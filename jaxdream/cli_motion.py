@@ -8,6 +8,7 @@ until a command runs, so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -352,6 +353,7 @@ def _run_animate(args: argparse.Namespace) -> int:
     from jaxdream.images import load_rgb
     from jaxdream.motion import animate as anim
     from jaxdream.motion.common import Engines, frames_folder
+    from jaxdream.outdir import claim
 
     _check_counts(args)
     sha = None
@@ -370,16 +372,21 @@ def _run_animate(args: argparse.Namespace) -> int:
     # through one compiled program per size (batched on accelerators, see --batch-size).
     engines = Engines.load(dream.recipe, args.weights, args.batch_size)
     _check_weights(sha, engines, f"recipe {args.recipe}")
-    streams = [anim.open_stream(animation, image, frames_folder(output), Path(path).name,
-                                Path(path).read_bytes(), engines.model.weights_sha256,
-                                overwrite=args.overwrite)
-               for path, image, output in zip(args.inputs, images, outputs, strict=True)]
-    start = time.perf_counter()
-    todo = sum(animation.frames - stream.next_frame for stream in streams)
-    report = anim.animate_streams(streams, engines, on_frame=None if args.quiet else
-                                  anim.progress_printer(todo))
-    for output, stream in zip(outputs, streams, strict=True):
-        _encode(output, stream.folder, animation.frames, animation.fps, None)
+    with contextlib.ExitStack() as held:
+        # Each animation's frames folder is held until its clip is encoded: a second run on
+        # the same output (which could --overwrite its frames) is refused, naming this one.
+        for output in outputs:
+            held.enter_context(claim(frames_folder(output), "jaxdream animate"))
+        streams = [anim.open_stream(animation, image, frames_folder(output), Path(path).name,
+                                    Path(path).read_bytes(), engines.model.weights_sha256,
+                                    overwrite=args.overwrite)
+                   for path, image, output in zip(args.inputs, images, outputs, strict=True)]
+        start = time.perf_counter()
+        todo = sum(animation.frames - stream.next_frame for stream in streams)
+        report = anim.animate_streams(streams, engines, on_frame=None if args.quiet else
+                                      anim.progress_printer(todo))
+        for output, stream in zip(outputs, streams, strict=True):
+            _encode(output, stream.folder, animation.frames, animation.fps, None)
     per_frame = sum(report.seconds_per_frame[1:]) / max(len(report.seconds_per_frame) - 1, 1)
     print(f"animated {report.rendered} frame(s) ({report.skipped} already there) of "
           f"{len(streams)} animation(s) in {time.perf_counter() - start:.1f} s ({per_frame:.2f} "
@@ -397,6 +404,7 @@ def _run_video(args: argparse.Namespace) -> int:
     from jaxdream.motion.common import frames_folder, prepare_folder
     from jaxdream.motion.schedules import Schedule
     from jaxdream.motion.videoio import probe_video
+    from jaxdream.outdir import claim
 
     _check_counts(args)
     sha = None
@@ -416,26 +424,29 @@ def _run_video(args: argparse.Namespace) -> int:
     engines, weights_sha = _video_engines(args, dream.recipe, sha)
     output = Path(args.output)
     folder = frames_folder(output)
-    prepare_folder(folder, video.identity(info, digest, weights_sha),
-                   {"frames": info.frames, "input": Path(args.input).name}, args.overwrite)
-    if video.independent:
-        # Independent frames need no warm-up, and a batch's worth of segments fills each
-        # compiled call.
-        batch = engines.batch_size if engines is not None else 1
-        segments = vid.plan_segments(info.frames, max(args.segments, batch), 0)
-    else:
-        segments = vid.plan_segments(info.frames, args.segments, args.warmup)
-    start = time.perf_counter()
+    # Held from the first frame to the encoded clip: a second run on this output (which could
+    # --overwrite these frames, or encode them half-written) is refused, naming this one.
+    with claim(folder, "jaxdream video"):
+        prepare_folder(folder, video.identity(info, digest, weights_sha),
+                       {"frames": info.frames, "input": Path(args.input).name}, args.overwrite)
+        if video.independent:
+            # Independent frames need no warm-up, and a batch's worth of segments fills each
+            # compiled call.
+            batch = engines.batch_size if engines is not None else 1
+            segments = vid.plan_segments(info.frames, max(args.segments, batch), 0)
+        else:
+            segments = vid.plan_segments(info.frames, args.segments, args.warmup)
+        start = time.perf_counter()
 
-    def report_frame(t: int, path: Path) -> None:
-        print(f"frame {t + 1}/{info.frames}: {path}", file=sys.stderr)
+        def report_frame(t: int, path: Path) -> None:
+            print(f"frame {t + 1}/{info.frames}: {path}", file=sys.stderr)
 
-    if engines is None:
-        report = _segments_on_ray(args, info, segments, video, folder, digest)
-    else:
-        report = vid.render_segments(info, segments, video, engines, folder, digest,
-                                     on_frame=None if args.quiet else report_frame)
-    _encode(output, folder, info.frames, info.fps, args.input)
+        if engines is None:
+            report = _segments_on_ray(args, info, segments, video, folder, digest)
+        else:
+            report = vid.render_segments(info, segments, video, engines, folder, digest,
+                                         on_frame=None if args.quiet else report_frame)
+        _encode(output, folder, info.frames, info.fps, args.input)
     seconds = time.perf_counter() - start
     cuts = f"; scene cuts at {report.cuts}" if report.cuts else ""
     print(f"dreamed {report.rendered} frame(s) ({report.skipped} already there) of "

@@ -236,6 +236,38 @@ def test_an_output_on_top_of_its_input_is_refused(clip: Path, tmp_path: Path,
     assert copy.read_bytes() == clip.read_bytes() and sorted(tmp_path.iterdir()) == [copy]
 
 
+def test_a_second_run_on_a_busy_output_is_refused_and_touches_nothing(
+        clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Another run holds the frames folder (its --overwrite would delete frames this run
+    # writes): video and animate both refuse in one line naming the holder, write nothing,
+    # and run once it is gone.
+    from jaxdream.motion.common import frames_folder
+    from jaxdream.outdir import LOCK_NAME, claim
+
+    video, gif = tmp_path / "v.mp4", tmp_path / "a.gif"
+    runs = [["video", str(clip), "-o", str(video), *FAST],
+            ["animate", str(EXAMPLES / "chelsea.jpg"), "-o", str(gif), "--frames", "2",
+             "--zoom", "1.05", "--max-side", "48", "--octaves", "1", "--steps", "2",
+             "--layers", "block3", "-q"]]
+    for command, output in zip(runs, (video, gif), strict=True):
+        folder = frames_folder(output)
+        lock = claim(folder, "jaxdream video")
+        capsys.readouterr()
+        try:
+            assert main(command) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: {folder}: in use by jaxdream video (pid ") and (
+                "\n" not in err), err
+            assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+            assert not output.exists()
+        finally:
+            lock.release()
+        assert main(command) == 0
+        assert output.is_file() and not (folder / LOCK_NAME).exists()
+        assert list(folder.glob("frame_*.png"))
+    capsys.readouterr()
+
+
 def test_segments_rendered_one_by_one_equal_segments_rendered_side_by_side(
         clip: Path, tmp_path: Path) -> None:
     """What a cluster does (one segment per worker, in any order) gives the same frames as one
