@@ -260,6 +260,17 @@ def test_real_weights_recognise_the_sample_photos(name: str) -> None:
     assert coffee_top[0][0] in (967, 968), coffee_top  # espresso, cup
 
 
+@pytest.mark.parametrize("first", [0.5, -0.0, float("nan"), float("inf")])
+def test_a_value_computed_apart_is_the_value(first: float) -> None:
+    # The max pool's gradient takes its incoming gradient through a conditional (a fusion
+    # boundary on CPU); whichever branch runs, the values come back unchanged.
+    x = np.random.default_rng(2).normal(size=(1, 5, 6, 7)).astype(np.float32)
+    x[0, 0, 0, 0] = first
+    x[0, 1, 2, 3] = -0.0
+    out = np.asarray(jax.jit(L._computed_apart)(jnp.asarray(x)))
+    np.testing.assert_array_equal(out, x)  # NaN equals NaN here; -0.0 equals 0.0
+
+
 @pytest.mark.parametrize(("height", "width", "window", "stride", "padding", "ceil_mode"),
                          [(17, 22, 3, 2, 0, True), (16, 16, 3, 2, 0, True),
                           (12, 15, 3, 1, 1, True), (13, 11, 2, 2, 0, False),

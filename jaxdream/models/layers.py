@@ -436,6 +436,21 @@ def _window_slices(xp: jax.Array, window: int, stride: int, out_shape: tuple[int
                                 (1, stride, stride, 1))
 
 
+def _computed_apart(x: jax.Array) -> jax.Array:
+    """``x``, written to a buffer of its own instead of fused into what reads it.
+
+    On CPU, XLA fused the sum of GoogLeNet's four inception-branch gradients into the max
+    pool's gradient, which reads its incoming gradient once per window offset (9 times), so
+    the sum was recomputed 9 times: 6-7 ms of a 77 ms step at 320 x 320. XLA's CPU pipeline
+    drops ``optimization_barrier`` before fusing, but no fusion crosses a conditional. The
+    branches are both the identity (``v * 1.0`` and ``v + 0.0`` are exact; a -0.0 may come
+    back +0.0, which no later sum tells apart) yet written differently, since XLA folds a
+    conditional whose branches are equal. Same pixels; GoogLeNet's gradient 7-10% faster,
+    ResNet50's and VGG16's unchanged (README, Speed).
+    """
+    return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda v: v * 1.0, lambda v: v + 0.0, x)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x: jax.Array, window: int, stride: int, pads: Pads) -> jax.Array:
     # XLA's reduce_window. The maximum of the window's shifted slices (the same values) ran
@@ -458,6 +473,8 @@ def _max_pool_bwd(window: int, stride: int, pads: Pads, residuals: tuple[jax.Arr
     # maximum it holds and that no earlier offset claimed (XLA's tie rule: the first maximum),
     # and adds it back through a strided pad (the transpose of the strided slice).
     x, y = residuals
+    if jax.default_backend() == "cpu":
+        dy = _computed_apart(dy)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=-jnp.inf)
     taken = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros_like(xp)
