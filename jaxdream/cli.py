@@ -144,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _use_compilation_cache() -> None:
-    from jaxdream.engine import use_disk_cache
+    """What every dreaming command sets up first: the disk cache of compiled programs, and a
+    heap that keeps freed memory for the next XLA call (engine.keep_freed_memory)."""
+    from jaxdream.engine import keep_freed_memory, use_disk_cache
 
+    keep_freed_memory()
     use_disk_cache(lambda line: print(line, file=sys.stderr))
 
 

@@ -92,7 +92,8 @@ def _describe(value: Any) -> str:
 
 
 #: JAXDREAM_* variables that never change a traced program.
-_NOT_SWITCHES = ("JAXDREAM_CACHE", "JAXDREAM_COMPILE_AHEAD", "JAXDREAM_TILE_WORKERS")
+_NOT_SWITCHES = ("JAXDREAM_CACHE", "JAXDREAM_COMPILE_AHEAD", "JAXDREAM_TILE_WORKERS",
+                 "JAXDREAM_MALLOC")
 
 
 def program_key(*parts: Any) -> str:
