@@ -143,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _use_compilation_cache() -> None:
-    """What every dreaming command sets up first: the disk cache of compiled programs, and a
-    heap that keeps freed memory for the next XLA call (engine.keep_freed_memory)."""
-    from jaxdream.engine import keep_freed_memory, use_disk_cache
+def prepare_process() -> None:
+    """What every dreaming command (dream, animate, video) sets up first: a heap that keeps
+    freed memory for the next XLA call (:mod:`jaxdream.heap`) and the disk cache of compiled
+    programs."""
+    from jaxdream.engine import use_disk_cache
+    from jaxdream.heap import keep_freed_memory
 
     keep_freed_memory()
     use_disk_cache(lambda line: print(line, file=sys.stderr))
@@ -199,7 +201,7 @@ def _run_dream(args: argparse.Namespace) -> int:
     # Claimed before the model loads: a busy, unwritable or dangerous folder is refused at
     # once, and no second job writes here (outputs, sheets, gallery) until this one is done.
     with claim(config.output, "jaxdream dream", force=args.force):
-        _use_compilation_cache()
+        prepare_process()
         start = time.perf_counter()
         report, gallery = dream_config(config, batch_size=args.batch_size,
                                        overwrite=args.overwrite, progress=not args.quiet,
@@ -228,7 +230,7 @@ def _run_classify(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise JaxdreamError(f"--top must be at least 1, got {args.top}")
-    _use_compilation_cache()
+    prepare_process()
     model = load_model(args.model or DEFAULT_MODEL, args.weights)
     failures: list[tuple[str, str]] = []  # folders and globs that yield no image
     paths = expand_inputs(args.inputs, failures=failures)

@@ -275,12 +275,6 @@ def _check_weights(sha: str | None, engines: Any, source: str) -> None:
                           f"--weights with the matching file")
 
 
-def _use_compilation_cache() -> None:
-    from jaxdream.engine import use_disk_cache
-
-    use_disk_cache(lambda line: print(line, file=sys.stderr))
-
-
 def _frames_list(folder: Path, count: int) -> Any:
     from jaxdream.images import load_rgb
     from jaxdream.motion.videoio import frame_name
@@ -350,6 +344,7 @@ def _animation_outputs(args: argparse.Namespace) -> list[Path]:
 
 
 def _run_animate(args: argparse.Namespace) -> int:
+    from jaxdream.cli import prepare_process
     from jaxdream.images import load_rgb
     from jaxdream.motion import animate as anim
     from jaxdream.motion.common import Engines, frames_folder
@@ -367,14 +362,13 @@ def _run_animate(args: argparse.Namespace) -> int:
                                    fps=args.fps or anim.DEFAULT_FPS, motion=motion)
     outputs = _animation_outputs(args)
     images = [load_rgb(path, max_side=dream.recipe.max_side) for path in args.inputs]
-    _use_compilation_cache()
+    prepare_process()
     # Several photos are several streams, advanced together: one frame of each per round,
     # through one compiled program per size (batched on accelerators, see --batch-size).
     engines = Engines.load(dream.recipe, args.weights, args.batch_size)
     _check_weights(sha, engines, f"recipe {args.recipe}")
     with contextlib.ExitStack() as held:
-        # Each animation's frames folder is held until its clip is encoded: a second run on
-        # the same output (which could --overwrite its frames) is refused, naming this one.
+        # Frames folders held until encoded: a second run here is refused (README, Outputs).
         for output in outputs:
             held.enter_context(claim(frames_folder(output), "jaxdream animate"))
         streams = [anim.open_stream(animation, image, frames_folder(output), Path(path).name,
@@ -424,8 +418,7 @@ def _run_video(args: argparse.Namespace) -> int:
     engines, weights_sha = _video_engines(args, dream.recipe, sha)
     output = Path(args.output)
     folder = frames_folder(output)
-    # Held from the first frame to the encoded clip: a second run on this output (which could
-    # --overwrite these frames, or encode them half-written) is refused, naming this one.
+    # Held until encoded: a second run here (its --overwrite) is refused (README, Outputs).
     with claim(folder, "jaxdream video"):
         prepare_folder(folder, video.identity(info, digest, weights_sha),
                        {"frames": info.frames, "input": Path(args.input).name}, args.overwrite)
@@ -475,9 +468,10 @@ def _video_engines(args: argparse.Namespace, recipe: Recipe, sha: str | None
                               f"{sha[:16]}..., but the weights given are {actual[:16]}...; "
                               f"pass --weights with the matching file")
         return None, actual
+    from jaxdream.cli import prepare_process
     from jaxdream.motion.common import Engines
 
-    _use_compilation_cache()
+    prepare_process()
     engines = Engines.load(recipe, args.weights, args.batch_size)
     _check_weights(sha, engines, f"recipe {args.recipe}")
     return engines, engines.model.weights_sha256

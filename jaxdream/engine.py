@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import ctypes
 import dataclasses
 import functools
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -234,37 +232,6 @@ def use_disk_cache(warn: Callable[[str], None] | None = None) -> bool:
             warn(f"warning: compilation cache disabled: {error}")
         return False
     return True
-
-
-#: Environment variable: ``system`` leaves the C heap's settings alone (see
-#: :func:`keep_freed_memory`).
-MALLOC_ENV = "JAXDREAM_MALLOC"
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Makes glibc's malloc keep the memory XLA frees for its next call instead of handing it
-    back to the kernel; returns whether it did.
-
-    An XLA call on CPU allocates its scratch memory afresh. glibc serves blocks above its mmap
-    threshold (at most 32 MB) with a fresh mapping and unmaps them when freed, so every call
-    faulted its scratch memory in again, page by page: a Lite0 tile program at 256 x 256 took
-    10,800 page faults (42 MB) and 27 ms a call, against none and 12 ms with mappings off and
-    the heap's top kept. The process then keeps its peak memory until it exits, which a
-    dreaming process reaches with its first image anyway. Linux with glibc only;
-    ``JAXDREAM_MALLOC=system`` opts out. The CLI and the Ray workers call this; the Python API
-    leaves its host process's heap alone.
-    """
-    if os.environ.get(MALLOC_ENV, "").strip().lower() == "system" or sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...): its own behaviour stays
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def default_cache_dir() -> Path:

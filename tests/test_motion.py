@@ -237,12 +237,17 @@ def test_an_output_on_top_of_its_input_is_refused(clip: Path, tmp_path: Path,
 
 
 def test_a_second_run_on_a_busy_output_is_refused_and_touches_nothing(
-        clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Another run holds the frames folder (its --overwrite would delete frames this run
     # writes): video and animate both refuse in one line naming the holder, write nothing,
-    # and run once it is gone.
+    # and run once it is gone, having set up the process as `jaxdream dream` does.
+    from jaxdream import heap
     from jaxdream.motion.common import frames_folder
     from jaxdream.outdir import LOCK_NAME, claim
+
+    prepared: list[bool] = []
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda: prepared.append(True) or True)
 
     video, gif = tmp_path / "v.mp4", tmp_path / "a.gif"
     runs = [["video", str(clip), "-o", str(video), *FAST],
@@ -262,9 +267,10 @@ def test_a_second_run_on_a_busy_output_is_refused_and_touches_nothing(
             assert not output.exists()
         finally:
             lock.release()
+        prepared.clear()
         assert main(command) == 0
         assert output.is_file() and not (folder / LOCK_NAME).exists()
-        assert list(folder.glob("frame_*.png"))
+        assert list(folder.glob("frame_*.png")) and prepared == [True]
     capsys.readouterr()
 
 

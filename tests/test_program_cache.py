@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxdream import engine as engine_module
-from jaxdream import program_cache, tiles
+from jaxdream import heap, program_cache, tiles
 from jaxdream.ascent import StaticSettings
 from jaxdream.engine import Engine, ItemParams
 from jaxdream.models import LoadedModel
@@ -211,7 +211,7 @@ def test_thread_counts_never_change_which_program_a_key_names(
 
 FAULTS = """
 import ctypes, resource
-from jaxdream.engine import keep_freed_memory
+from jaxdream.heap import keep_freed_memory
 applied = keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -245,7 +245,7 @@ def test_freed_memory_is_kept_for_the_next_call_unless_opted_out(
     applied, faults = run(JAXDREAM_MALLOC="system")
     assert applied == "False" and faults > 40_000, faults
     # A heap setting, not a program switch: keys stay.
-    monkeypatch.delenv(engine_module.MALLOC_ENV, raising=False)
+    monkeypatch.delenv(heap.MALLOC_ENV, raising=False)
     plain = program_cache.program_key("x")
-    monkeypatch.setenv(engine_module.MALLOC_ENV, "system")
+    monkeypatch.setenv(heap.MALLOC_ENV, "system")
     assert program_cache.program_key("x") == plain

@@ -59,7 +59,8 @@ class MotionWorker:
                  batch_size: int | None) -> None:
         if os.path.isdir(cwd):  # relative paths in a config mean the driver's folder
             os.chdir(cwd)
-        from jaxdream.engine import keep_freed_memory, use_disk_cache
+        from jaxdream.engine import use_disk_cache
+        from jaxdream.heap import keep_freed_memory
         from jaxdream.motion.common import Engines
 
         keep_freed_memory()  # XLA's scratch memory is reused, not faulted in at every call

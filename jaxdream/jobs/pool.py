@@ -132,7 +132,8 @@ class DreamWorker:
         # environment) the worker's own copy of the project is the right place.
         if os.path.isdir(cwd):
             os.chdir(cwd)
-        from jaxdream.engine import keep_freed_memory, use_disk_cache
+        from jaxdream.engine import use_disk_cache
+        from jaxdream.heap import keep_freed_memory
         from jaxdream.models import load_model
 
         keep_freed_memory()  # XLA's scratch memory is reused, not faulted in at every call

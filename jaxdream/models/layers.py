@@ -437,17 +437,9 @@ def _window_slices(xp: jax.Array, window: int, stride: int, out_shape: tuple[int
 
 
 def _computed_apart(x: jax.Array) -> jax.Array:
-    """``x``, written to a buffer of its own instead of fused into what reads it.
-
-    On CPU, XLA fused the sum of GoogLeNet's four inception-branch gradients into the max
-    pool's gradient, which reads its incoming gradient once per window offset (9 times), so
-    the sum was recomputed 9 times: 6-7 ms of a 77 ms step at 320 x 320. XLA's CPU pipeline
-    drops ``optimization_barrier`` before fusing, but no fusion crosses a conditional. The
-    branches are both the identity (``v * 1.0`` and ``v + 0.0`` are exact; a -0.0 may come
-    back +0.0, which no later sum tells apart) yet written differently, since XLA folds a
-    conditional whose branches are equal. Same pixels; GoogLeNet's gradient 7-10% faster,
-    ResNet50's and VGG16's unchanged (README, Speed).
-    """
+    """``x`` in a buffer of its own: XLA on CPU fused GoogLeNet's sum of branch gradients into
+    the max pool's gradient, 9 times over (README, Speed). No fusion crosses a conditional; its
+    branches are identities (-0.0 may become +0.0) written apart, as XLA folds equal ones."""
     return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda v: v * 1.0, lambda v: v + 0.0, x)
 
 
