@@ -144,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_process() -> None:
-    """What every dreaming command (dream, animate, video) sets up first: a heap that keeps
-    freed memory for the next XLA call (:mod:`jaxdream.heap`) and the disk cache of compiled
-    programs."""
+    """What the commands that run a model (dream, classify, animate, video) set up first: a
+    heap that keeps freed memory for the next XLA call (:mod:`jaxdream.heap`) and the disk
+    cache of compiled programs."""
     from jaxdream.engine import use_disk_cache
     from jaxdream.heap import keep_freed_memory
 
