@@ -13,6 +13,7 @@ from jaxdream.errors import ConversionError
 from jaxdream.images import load_rgb
 from jaxdream.models import MODELS, LoadedModel, imagenet_labels, load_model
 from jaxdream.models import layers as L
+from jaxdream.models import pooling
 from jaxdream.models.checkpoint import load_state_dict
 from jaxdream.models.convert import load_state_dict_into
 
@@ -204,6 +205,23 @@ def _fake_lite0_state_dict() -> dict[str, np.ndarray]:
     return state_dict
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_an_abstract_build_is_what_eval_shape_gives(name: str) -> None:
+    # load_model builds with build_abstract (no initialiser traced): the same graph, the same
+    # shapes and dtypes, and no array anywhere, so every weight must come from the checkpoint.
+    build = MODELS[name].build
+    graph, state = nnx.split(L.build_abstract(lambda: build(nnx.Rngs(0))))
+    want_graph, want_state = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    assert graph == want_graph
+    assert jax.tree.structure(state) == jax.tree.structure(want_state)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(want_state), strict=True):
+        assert isinstance(got, jax.ShapeDtypeStruct), type(got)
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    # The flag does not outlive the build: a plain build has arrays again.
+    assert all(isinstance(leaf, jax.Array)
+               for leaf in jax.tree.leaves(nnx.state(L.ConvBN(3, 4, 3, rngs=nnx.Rngs(0)))))
+
+
 def test_conversion_reports_every_problem_at_once() -> None:
     spec = MODELS["efficientnet_lite0"]
     state_dict = _fake_lite0_state_dict()
@@ -267,7 +285,7 @@ def test_a_value_computed_apart_is_the_value(first: float) -> None:
     x = np.random.default_rng(2).normal(size=(1, 5, 6, 7)).astype(np.float32)
     x[0, 0, 0, 0] = first
     x[0, 1, 2, 3] = -0.0
-    out = np.asarray(jax.jit(L._computed_apart)(jnp.asarray(x)))
+    out = np.asarray(jax.jit(pooling._computed_apart)(jnp.asarray(x)))
     np.testing.assert_array_equal(out, x)  # NaN equals NaN here; -0.0 equals 0.0
 
 
@@ -292,7 +310,7 @@ def test_max_pool_equals_xla_values_and_gradient_bit_for_bit(
                 monkeypatch.delenv("JAXDREAM_MAXPOOL", raising=False)
 
             def loss(x):  # type: ignore[no-untyped-def]
-                y = L.max_pool(x, window, stride, padding, ceil_mode)
+                y = pooling.max_pool(x, window, stride, padding, ceil_mode)
                 return jnp.sum(y * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape)), y
 
             results[form] = jax.jit(jax.grad(loss, has_aux=True))(x)

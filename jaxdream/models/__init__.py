@@ -42,13 +42,14 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
 
     from jaxdream.models.checkpoint import load_state_dict, sha256_file
     from jaxdream.models.convert import check_shapes_fit, load_state_dict_into
+    from jaxdream.models.layers import build_abstract
 
     spec = get_spec(name)
     if spec.load is not None:
         return LoadedModel(spec, spec.load(weights), Path(weights), sha256_file(weights))
     # Built abstractly: random initialisation op by op costs seconds on CPU, and every value
     # is overwritten by the checkpoint anyway.
-    module = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
+    module = build_abstract(lambda: spec.build(nnx.Rngs(0)))
     source = f"weights file {weights}"
     # Names and shapes are compared before any tensor data is read: a wrong or hostile file
     # is refused at the cost of its pickle, and never allocates more than the model needs.

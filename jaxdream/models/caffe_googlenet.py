@@ -39,7 +39,8 @@ from jaxdream.models.caffe_googlenet_spec import (  # noqa: F401  (part of this 
     LRN_K, LRN_SIZE, PLACES205_MEAN_BGR, PLACES365_MEAN_BGR, CaffeGoogLeNetConfig, Layer,
     _attribute, _BY_NAME, endpoint_table, ignored_key, key_map)
 from jaxdream.models.convert import load_state_dict_into
-from jaxdream.models.layers import Conv, cast_to_compute_dtype, max_pool
+from jaxdream.models.layers import Conv, Linear, build_abstract, cast_to_compute_dtype
+from jaxdream.models.pooling import max_pool
 
 def caffe_lrn(x: jax.Array, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
               beta: float = LRN_BETA, k: float = LRN_K) -> jax.Array:
@@ -75,7 +76,7 @@ class CaffeGoogLeNet(nnx.Module):
                         Conv(cin, layer.channels, layer.kernel, layer.stride, activation=None,
                              padding=layer.pad, rngs=rngs))
         if config.classifier:
-            self.loss3_classifier = nnx.Linear(_BY_NAME["pool5/7x7_s1"].channels,
+            self.loss3_classifier = Linear(_BY_NAME["pool5/7x7_s1"].channels,
                                                config.num_classes, rngs=rngs)
 
     def endpoint_names(self) -> list[str]:
@@ -154,7 +155,7 @@ def load(path: str | Path, config: CaffeGoogLeNetConfig, model: str = "model") -
         ranks = {key: len(t) if t else 1 for _, key, t in key_map(config, "caffe")}
         state, naming = state_dict(read_caffemodel(path), ranks), "caffe"
     _check_class_count(state, config, source, model)
-    module = nnx.eval_shape(lambda: CaffeGoogLeNet(config, rngs=nnx.Rngs(0)))
+    module = build_abstract(lambda: CaffeGoogLeNet(config, rngs=nnx.Rngs(0)))
     load_state_dict_into(module, state, key_map(config, naming), ignore=ignored_key,
                          source=source)
     return module

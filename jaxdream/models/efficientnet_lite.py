@@ -24,7 +24,7 @@ from jaxdream.models.efficientnet_lite_spec import (  # noqa: F401  (part of thi
     LITE0, LITE1, LITE2, BlockSpec, LiteConfig, endpoint_table, key_map, last_block_of_stage,
 )
 from jaxdream.models.keys import training_only as ignored_key  # noqa: F401
-from jaxdream.models.layers import ConvBN, Stage, run_stages
+from jaxdream.models.layers import ConvBN, Linear, Stage, run_stages
 
 
 class MBConv(nnx.Module):
@@ -54,7 +54,7 @@ class EfficientNetLite(nnx.Module):
         self.blocks = nnx.List([MBConv(spec, rngs=rngs) for spec in config.blocks()])
         last = config.blocks()[-1].out_channels
         self.head = ConvBN(last, config.head_channels, 1, rngs=rngs)
-        self.fc = nnx.Linear(config.head_channels, config.num_classes, rngs=rngs)
+        self.fc = Linear(config.head_channels, config.num_classes, rngs=rngs)
 
     def endpoint_names(self) -> list[str]:
         return ["stem", *(f"block{i}" for i in range(len(self.blocks))), "head", "logits"]

@@ -35,9 +35,8 @@ from jaxdream.models.googlenet_spec import (  # noqa: F401  (part of this module
     _POOLS, _STEM, DEFAULT_CONFIG, DEFAULT_LAYERS, ENDPOINTS, OFFICIAL_WEIGHTS, PREPROCESSING,
     GoogLeNetConfig, InceptionSpec, endpoint_table, ignored_key, key_map,
 )
-from jaxdream.models.layers import (
-    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, run_stages,
-)
+from jaxdream.models.layers import IMAGENET_MEAN, IMAGENET_STD, ConvBN, Linear, run_stages
+from jaxdream.models.pooling import max_pool
 
 
 #: BatchNorm epsilon of torchvision's BasicConv2d.
@@ -111,7 +110,7 @@ class GoogLeNet(nnx.Module):
             setattr(self, name, Inception(spec, rngs=rngs))
         last = config.inceptions[-1][1].out_channels
         # torchvision applies Dropout(0.2) before fc: the identity at inference.
-        self.fc = nnx.Linear(last, config.num_classes, rngs=rngs)
+        self.fc = Linear(last, config.num_classes, rngs=rngs)
 
     def endpoint_names(self) -> list[str]:
         return list(ENDPOINTS)

@@ -354,9 +354,35 @@ def _pads(padding: Padding, x: jax.Array, kernel_size: int, stride: int) -> Pads
     return ((padding, padding), (padding, padding))
 
 
-def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...]) -> jax.Array:
-    fan_in = shape[0] * shape[1] * shape[2]
-    return jax.nn.initializers.normal(stddev=(2.0 / fan_in) ** 0.5)(rngs.params(), shape)
+_ABSTRACT: contextvars.ContextVar[bool] = contextvars.ContextVar("abstract", default=False)
+
+
+def build_abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
+    """``build()`` with every weight a ``jax.ShapeDtypeStruct``, to be filled from a checkpoint:
+    the module ``nnx.eval_shape(build)`` gives, without tracing every layer's initialiser (half
+    a second of each command on 2 cores, README Speed). Every weight comes from this file."""
+    token = _ABSTRACT.set(True)
+    try:
+        return build()
+    finally:
+        _ABSTRACT.reset(token)
+
+
+def _weight(shape: tuple[int, ...], init: Callable[[], jax.Array]) -> Any:
+    return jax.ShapeDtypeStruct(shape, jnp.float32) if _ABSTRACT.get() else init()
+
+
+def _he_normal(rngs: nnx.Rngs, shape: tuple[int, ...]) -> Any:
+    """Random weights of He et al.'s scale (fan in: every axis but the last)."""
+    fan_in = 1
+    for size in shape[:-1]:
+        fan_in *= size
+    return _weight(shape, lambda: jax.nn.initializers.normal(stddev=(2.0 / fan_in) ** 0.5)(
+        rngs.params(), shape))
+
+
+def _filled(size: int, value: float) -> Any:
+    return _weight((size,), lambda: jnp.full((size,), value, jnp.float32))
 
 
 class ConvBN(nnx.Module):
@@ -371,10 +397,10 @@ class ConvBN(nnx.Module):
                  padding: Padding = "SAME", rngs: nnx.Rngs):
         self.kernel = nnx.Param(_he_normal(rngs, (kernel_size, kernel_size,
                                                   in_channels // groups, out_channels)))
-        self.scale = nnx.Param(jnp.ones((out_channels,)))
-        self.bias = nnx.Param(jnp.zeros((out_channels,)))
-        self.mean = nnx.BatchStat(jnp.zeros((out_channels,)))
-        self.var = nnx.BatchStat(jnp.ones((out_channels,)))
+        self.scale = nnx.Param(_filled(out_channels, 1.0))
+        self.bias = nnx.Param(_filled(out_channels, 0.0))
+        self.mean = nnx.BatchStat(_filled(out_channels, 0.0))
+        self.var = nnx.BatchStat(_filled(out_channels, 1.0))
         self.stride = stride
         self.groups = groups
         self.activation = activation
@@ -397,7 +423,7 @@ class Conv(nnx.Module):
                  *, activation: Activation = "relu", padding: Padding = 1, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_he_normal(rngs, (kernel_size, kernel_size, in_channels,
                                                   out_channels)))
-        self.bias = nnx.Param(jnp.zeros((out_channels,)))
+        self.bias = nnx.Param(_filled(out_channels, 0.0))
         self.stride = stride
         self.activation = activation
         self.padding = padding
@@ -408,92 +434,13 @@ class Conv(nnx.Module):
         return activate(y, self.activation)
 
 
-def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0,
-             ceil_mode: bool = False) -> jax.Array:
-    """PyTorch's ``max_pool2d`` on NHWC, including ``ceil_mode`` (GoogLeNet uses it)."""
-    pads = []
-    for size in (x.shape[1], x.shape[2]):
-        span = size + 2 * padding - window
-        out = (-(-span // stride) if ceil_mode else span // stride) + 1
-        # PyTorch drops a last window that would start in the right padding.
-        if ceil_mode and (out - 1) * stride >= size + padding:
-            out -= 1
-        extra = max((out - 1) * stride + window - (size + 2 * padding), 0)
-        pads.append((padding, padding + extra))
-    if os.environ.get("JAXDREAM_MAXPOOL") == "xla":
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                                     (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
-    return _max_pool(x, window, stride, (pads[0], pads[1]))
+class Linear(nnx.Module):
+    """A fully connected layer, ``x @ kernel + bias`` (kernel ``[in, out]``): the classifier
+    heads. Flax's ``nnx.Linear`` would initialise its weights outside :func:`build_abstract`."""
 
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_he_normal(rngs, (in_features, out_features)))
+        self.bias = nnx.Param(_filled(out_features, 0.0))
 
-def _window_slices(xp: jax.Array, window: int, stride: int, out_shape: tuple[int, ...]
-                   ) -> Iterator[jax.Array]:
-    """The window's elements for every output position, offset by offset in row-major order."""
-    rows, cols = (out_shape[1] - 1) * stride + 1, (out_shape[2] - 1) * stride + 1
-    for i in range(window):
-        for j in range(window):
-            yield jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + rows, j + cols, xp.shape[3]),
-                                (1, stride, stride, 1))
-
-
-def _computed_apart(x: jax.Array) -> jax.Array:
-    """``x`` in a buffer of its own: XLA on CPU fused GoogLeNet's sum of branch gradients into
-    the max pool's gradient, 9 times over (README, Speed). No fusion crosses a conditional; its
-    branches are identities (-0.0 may become +0.0) written apart, as XLA folds equal ones."""
-    return jax.lax.cond(jnp.isnan(x.reshape(-1)[0]), lambda v: v * 1.0, lambda v: v + 0.0, x)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x: jax.Array, window: int, stride: int, pads: Pads) -> jax.Array:
-    # XLA's reduce_window. The maximum of the window's shifted slices (the same values) ran
-    # 1.3-2.4x faster alone on GoogLeNet's pool shapes but made its whole step 15% slower.
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                                 (1, stride, stride, 1), ((0, 0), pads[0], pads[1], (0, 0)))
-
-
-def _max_pool_fwd(x: jax.Array, window: int, stride: int, pads: Pads
-                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    y = _max_pool(x, window, stride, pads)
-    return y, (x, y)
-
-
-def _max_pool_bwd(window: int, stride: int, pads: Pads, residuals: tuple[jax.Array, jax.Array],
-                  dy: jax.Array) -> tuple[jax.Array]:
-    # XLA's gradient (select-and-scatter) measured 2x PyTorch's on CPU; this form made a
-    # GoogLeNet step at 512x384 1.5-2x faster (851 -> 441, 598 -> 366 ms, same run). Shifted
-    # slices: each window offset, in row-major order, takes the gradient of the outputs whose
-    # maximum it holds and that no earlier offset claimed (XLA's tie rule: the first maximum),
-    # and adds it back through a strided pad (the transpose of the strided slice).
-    x, y = residuals
-    if jax.default_backend() == "cpu":
-        dy = _computed_apart(dy)
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=-jnp.inf)
-    taken = jnp.zeros(y.shape, bool)
-    dxp = jnp.zeros_like(xp)
-    for index, piece in enumerate(_window_slices(xp, window, stride, y.shape)):
-        i, j = divmod(index, window)
-        wins = (piece == y) & ~taken
-        taken = taken | wins
-        contribution = jnp.where(wins, dy, 0.0).astype(xp.dtype)
-        dxp = dxp + jax.lax.pad(contribution, jnp.zeros((), xp.dtype), (
-            (0, 0, 0), (i, xp.shape[1] - i - (y.shape[1] - 1) * stride - 1, stride - 1),
-            (j, xp.shape[2] - j - (y.shape[2] - 1) * stride - 1, stride - 1), (0, 0, 0)))
-    height, width = x.shape[1], x.shape[2]
-    return (dxp[:, pads[0][0]:pads[0][0] + height, pads[1][0]:pads[1][0] + width],)
-
-
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """PyTorch's ``adaptive_avg_pool2d`` on NHWC: bin i covers [floor(i*H/n), ceil((i+1)*H/n))."""
-    h, w = x.shape[1], x.shape[2]
-    rows = []
-    for i in range(size[0]):
-        r0, r1 = (i * h) // size[0], -(-((i + 1) * h) // size[0])
-        cols = []
-        for j in range(size[1]):
-            c0, c1 = (j * w) // size[1], -(-((j + 1) * w) // size[1])
-            cols.append(jnp.mean(x[:, r0:r1, c0:c1, :], axis=(1, 2)))
-        rows.append(jnp.stack(cols, axis=1))
-    return jnp.stack(rows, axis=1)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...] + self.bias[...]

@@ -32,9 +32,8 @@ from jaxdream.models.resnet_spec import (  # noqa: F401  (part of this module's 
     DEFAULT_LAYERS, EXPANSION, OFFICIAL_WEIGHTS, PREPROCESSING, RESNET50, ResNetConfig,
     endpoint_table, ignored_key, key_map,
 )
-from jaxdream.models.layers import (
-    IMAGENET_MEAN, IMAGENET_STD, ConvBN, max_pool, run_stages,
-)
+from jaxdream.models.layers import IMAGENET_MEAN, IMAGENET_STD, ConvBN, Linear, run_stages
+from jaxdream.models.pooling import max_pool
 
 
 #: torchvision's BatchNorm2d default.
@@ -90,7 +89,7 @@ class ResNet(nnx.Module):
                 channels = planes * EXPANSION
             stages.append(nnx.List(stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nnx.Linear(channels, config.num_classes, rngs=rngs)
+        self.fc = Linear(channels, config.num_classes, rngs=rngs)
 
     def endpoint_names(self) -> list[str]:
         return list(endpoint_table(self.config))

@@ -40,9 +40,8 @@ from jaxdream.models.vgg_spec import (  # noqa: F401  (part of this module's API
     _CONFIG_D, DEFAULT_LAYERS, ENDPOINTS, FC_WIDTH, NUM_CLASSES, OFFICIAL_WEIGHTS, POOLED_SIZE,
     PREPROCESSING, _layers, endpoint_table, ignored_key, key_map,
 )
-from jaxdream.models.layers import (
-    IMAGENET_MEAN, IMAGENET_STD, Conv, adaptive_avg_pool, max_pool, run_stages,
-)
+from jaxdream.models.layers import IMAGENET_MEAN, IMAGENET_STD, Conv, Linear, run_stages
+from jaxdream.models.pooling import adaptive_avg_pool, max_pool
 
 
 #: ImageNet statistics torchvision's weights were trained with (RGB, 0..1 scale).
@@ -66,9 +65,9 @@ class VGG16(nnx.Module):
                 in_channels = channels
         self.convs = nnx.List(convs)
         flat = in_channels * POOLED_SIZE[0] * POOLED_SIZE[1]
-        self.fc6 = nnx.Linear(flat, FC_WIDTH, rngs=rngs)
-        self.fc7 = nnx.Linear(FC_WIDTH, FC_WIDTH, rngs=rngs)
-        self.fc8 = nnx.Linear(FC_WIDTH, NUM_CLASSES, rngs=rngs)
+        self.fc6 = Linear(flat, FC_WIDTH, rngs=rngs)
+        self.fc7 = Linear(FC_WIDTH, FC_WIDTH, rngs=rngs)
+        self.fc8 = Linear(FC_WIDTH, NUM_CLASSES, rngs=rngs)
 
     def endpoint_names(self) -> list[str]:
         return list(ENDPOINTS)
