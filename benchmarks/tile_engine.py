@@ -185,7 +185,7 @@ def build_program(model, tile: int, batch: int, cache: Path | None):  # type: ig
     key = program_cache.program_key("tile_engine", graphdef, layers, tile, batch)
     program, loaded = program_cache.load_or_compile(
         key, (state, tiles, masks),
-        lambda: (jitted.lower(state, tiles, masks).compile(), False))
+        lambda: jitted.lower(state, tiles, masks))
     return program, state, time.perf_counter() - start, loaded
 
 

@@ -374,12 +374,9 @@ class Engine:
         start = time.perf_counter()
         hits = _cache_hits
 
-        def compile_fresh() -> tuple[Any, bool]:
-            before = _cache_hits
-            compiled = program_cache.compile_lowered(
-                _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
-                    self._state, images, params))
-            return compiled, _cache_hits > before
+        def lower() -> Any:
+            return _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
+                self._state, images, params)
 
         if len(self.devices) == 1:
             state_shapes = jax.tree.map(lambda leaf: (leaf.shape, str(leaf.dtype)),
@@ -387,9 +384,9 @@ class Engine:
             program, loaded = program_cache.load_or_compile(
                 program_cache.program_key(*key, str(images.dtype), state_shapes,
                                           str(jax.tree.structure(self._state))),
-                (self._state, images, params), compile_fresh)
+                (self._state, images, params), lower)
         else:
-            program, loaded = compile_fresh()[0], False
+            program, loaded = program_cache.compile_lowered(lower()), False
         with _LOCK:
             self.stats.programs += 1
             self.stats.loaded += loaded

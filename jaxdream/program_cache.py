@@ -14,13 +14,14 @@ user's own cache root; never point either at a folder others can write).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import platform
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,51 @@ CPU_COMPILE_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 _options_known = True
 
 
-def compile_lowered(lowered: Any) -> Any:
-    """``lowered.compile()``, with :data:`CPU_COMPILE_OPTIONS` when compiling for a CPU."""
+#: A debug option at its default value: it changes nothing XLA builds, only the key under
+#: which JAX's compilation cache would look the program up (see :func:`_fresh_compile`).
+_OWN_KEY: dict[str, Any] = {"xla_embed_ir_in_executable": False}
+
+
+def compile_lowered(lowered: Any, options: dict[str, Any] | None = None) -> Any:
+    """``lowered.compile()``, with :data:`CPU_COMPILE_OPTIONS` when compiling for a CPU (and
+    ``options`` on any backend)."""
     global _options_known
     if _options_known and jax.default_backend() == "cpu":
         try:
-            return lowered.compile(compiler_options=CPU_COMPILE_OPTIONS)
+            return lowered.compile(compiler_options={**CPU_COMPILE_OPTIONS, **(options or {})})
         except Exception as error:  # JaxRuntimeError; its class moved between jax versions
             if "compile option" not in str(error):
                 raise
             _options_known = False
-    return lowered.compile()
+    return lowered.compile(compiler_options=options) if options else lowered.compile()
+
+
+@contextlib.contextmanager
+def _out_of_jax_cache() -> Iterator[bool]:
+    """Yields True while this thread's compiles are never written to JAX's compilation
+    cache (False, changing nothing, where this jax has no such switch)."""
+    try:  # the threshold is a thread-local setting with no public handle
+        from jax._src import config as jax_config
+        threshold = jax_config.persistent_cache_min_compile_time_secs
+        keeping_out = threshold(float("inf"))
+    except Exception:  # noqa: BLE001 - another jax: keep JAX's own behaviour
+        yield False
+        return
+    with keeping_out:
+        yield True
+
+
+def _fresh_compile(lower: Callable[[], Any]) -> tuple[Any, bool]:
+    """A compile that JAX's compilation cache neither serves nor keeps, and whether it was.
+
+    An executable JAX loads from its cache serialises into a file that fails at run time
+    ("function ... not found"), so a program served from there could never be stored here:
+    after an upgrade of jaxdream that left a program's HLO as it was, every warm run traced
+    it again. Under :data:`_OWN_KEY`, written nowhere, every compile is XLA's own, and the
+    program lives in this store alone instead of in both.
+    """
+    with _out_of_jax_cache() as kept_out:
+        return compile_lowered(lower(), _OWN_KEY if kept_out else None), kept_out
 
 
 def set_directory(directory: str | os.PathLike[str] | None) -> None:
@@ -114,17 +149,16 @@ def program_key(*parts: Any) -> str:
 
 
 def load_or_compile(key: str, args: tuple[Any, ...],
-                    compile_fresh: Callable[[], tuple[Any, bool]]) -> tuple[Any, bool]:
-    """The executable for ``key`` from disk, or ``compile_fresh()``'s, stored for next time.
-
-    ``compile_fresh`` returns the executable and whether JAX loaded it from its compilation
-    cache. Returns (executable, loaded from this store). Any failure to read or write the
-    store falls back to compiling: the store only ever saves time.
+                    lower: Callable[[], Any]) -> tuple[Any, bool]:
+    """The executable for ``key`` from disk, or ``lower()``'s (a ``jax.stages.Lowered`` for
+    ``args``) compiled by XLA and stored for next time. Returns (executable, loaded from this
+    store). Any failure to read or write the store falls back to compiling: the store only
+    ever saves time.
     """
     from jax.experimental import serialize_executable
 
     if _directory is None:
-        return compile_fresh()[0], False
+        return compile_lowered(lower()), False
     path = _directory / f"{key}.xla"
     in_tree = jax.tree.structure((args, {}))
     out_tree = jax.tree.structure(args[1])  # the dream returns one array like its images
@@ -136,10 +170,8 @@ def load_or_compile(key: str, args: tuple[Any, ...],
             return program, True
         except Exception:  # a stale or damaged file: compile again and replace it
             pass
-    compiled, from_xla_cache = compile_fresh()
-    if from_xla_cache:
-        # An executable that JAX loaded from its compilation cache serialises into a file
-        # that fails at run time ("function ... not found"): keep only fresh compiles.
+    compiled, fresh = _fresh_compile(lower)
+    if not fresh:  # it may have come from JAX's cache, and would not run from a file
         return compiled, False
     try:
         payload, _, _ = serialize_executable.serialize(compiled)

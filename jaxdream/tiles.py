@@ -230,14 +230,8 @@ class TileEngine:
             args = (self._weights, tiles, masks, terms)
             jitted = tile_program(self._graphdef, self._state_tree, self.settings.structure)
             hits = engine_module._cache_hits
-
-            def compile_fresh() -> tuple[Any, bool]:
-                before = engine_module._cache_hits
-                compiled = program_cache.compile_lowered(jitted.lower(*args))
-                return compiled, engine_module._cache_hits > before
-
             program, loaded = program_cache.load_or_compile(
-                program_cache.program_key("tiles", *key), args, compile_fresh)
+                program_cache.program_key("tiles", *key), args, lambda: jitted.lower(*args))
             _PROGRAMS[key] = program
             self.stats.programs += 1
             self.stats.loaded += loaded

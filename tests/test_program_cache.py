@@ -3,6 +3,9 @@ costs a compile and nothing else, and a program is never reused for other settin
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,8 @@ from jaxdream import program_cache, tiles
 from jaxdream.ascent import StaticSettings
 from jaxdream.engine import Engine, ItemParams
 from jaxdream.models import LoadedModel
+
+from conftest import ROOT
 
 
 @pytest.fixture
@@ -112,6 +117,43 @@ def test_cpu_programs_compile_with_the_measured_options_or_without_unknown_ones(
     program_cache.compile_lowered(lowered)
     assert seen == [{"xla_cpu_no_such_option": True}, None, None]
     assert program_cache._options_known is False
+
+
+UPGRADED = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jaxdream import engine, program_cache
+engine.enable_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+f = jax.jit(lambda w, x: jnp.tanh(x @ w).sum(0) * 3.0)
+w, x = (jnp.asarray(np.random.default_rng(s).normal(size=(96, 96)), jnp.float32) for s in (1, 2))
+hits = engine._cache_hits
+program_cache.compile_lowered(f.lower(w, x))  # as an older jaxdream compiled it
+if sys.argv[2] == "new":
+    program, loaded = program_cache.load_or_compile("new-source", (w, x), lambda: f.lower(w, x))
+    stored = len(list((program_cache._directory).glob("*.xla")))
+    again, loaded_again = program_cache.load_or_compile("new-source", (w, x), lambda: 1 / 0)
+    print(engine._cache_hits - hits, loaded, stored, loaded_again,
+          bool(np.array_equal(again(w, x), f(w, x))))
+"""
+
+
+def test_a_program_in_jaxs_cache_is_still_stored_and_runs_from_its_file(
+        tmp_path: Path) -> None:
+    # After an upgrade that left a program's HLO as it was, JAX's compilation cache still
+    # holds it, and an executable served from there fails when run from a file ("function ...
+    # not found"): the store compiles its own, which a warm run then loads untraced and runs.
+    def run(phase: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", UPGRADED, str(tmp_path), phase],
+                              capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    run("old")
+    # One hit (the older build's compile, served by JAX's cache), a program stored anyway,
+    # loaded back from its file, and the same numbers from it.
+    assert run("new") == ["1", "False", "1", "True", "True"]
 
 
 # ------------------------------------------------------------------- building ahead in threads
