@@ -215,6 +215,9 @@ def _run_dream(args: argparse.Namespace) -> int:
                    report.compile_stats) + f"; {what}", file=sys.stderr)
     if gallery is not None:
         print(f"gallery: {gallery}", file=sys.stderr)
+    if not args.quiet:
+        for hint in report.hints:
+            print(hint, file=sys.stderr)
     for outcome in report.outcomes:
         if outcome.status == "done":
             print(outcome.output)

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from jaxdream import storage
-from jaxdream.engine import CompileStats, default_batch_size, item_params
+from jaxdream.engine import CompileStats, bucket_shape, default_batch_size, item_params
 from jaxdream.errors import JaxdreamError
 from jaxdream.files import output_folder
 from jaxdream.images import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, _check_file_size,
@@ -34,7 +35,7 @@ from jaxdream.models import load_model
 from jaxdream.shards import MEMBER, read_member
 from jaxdream.storage import is_url
 from jaxdream.tables import read_row
-from jaxdream.tiles import engine_key, make_engine
+from jaxdream.tiles import EngineKey, engine_key, make_engine
 from jaxdream.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class Report:
     render_seconds: float
     #: ``error:`` lines not tied to one input (a contact sheet or the gallery not written)
     problems: int = 0
+    #: One-line suggestions for a faster run of the same job (:func:`speed_hints`).
+    hints: list[str] = dataclasses.field(default_factory=list)
 
 
 def _safe_stem(path: str) -> str:
@@ -189,6 +192,38 @@ def _load_chunk(items: Sequence[WorkItem], chunk: Sequence[int]
     return loaded
 
 
+#: A whole-image job that compiled this many programs on a CPU hears of the tile engine.
+HINT_PROGRAMS = 3
+#: Photos of one size padded by at least this share of their pixels hear of exact sizes.
+HINT_PADDING = 0.1
+
+
+def speed_hints(key: EngineKey, sizes: set[tuple[int, int]], stats: CompileStats,
+                backend: str) -> list[str]:
+    """Suggestions for a faster run of a job that dreamed images of ``sizes`` (height, width)
+    with the engine ``key`` (``stats`` its programs, on ``backend``): on a CPU, the tile
+    engine once a job compiled a program per size bucket (README, Speed: compiling is most
+    of a cold folder of mixed sizes); exact sizes for photos of one size in a larger buffer."""
+    _, tiles, bucket = key
+    if tiles or not sizes:
+        return []
+    hints = []
+    if stats.compiled >= HINT_PROGRAMS and backend == "cpu":
+        hints.append(f"hint: {stats.compiled} programs were compiled, one per size bucket; "
+                     "--tiles 128 dreams every size with one program (a look of its own: "
+                     "README, The tile engine)")
+    if len(sizes) == 1 and bucket > 1:
+        ((height, width),) = sizes
+        padded_height, padded_width = bucket_shape(height, width, bucket)
+        extra = padded_height * padded_width / (height * width) - 1
+        if extra >= HINT_PADDING:
+            hints.append(f"hint: {width}x{height} photos were dreamed in a "
+                         f"{padded_width}x{padded_height} buffer ({extra:.0%} more pixels); "
+                         "--shape-bucket 1 (shape_bucket: 1 in a config) dreams each at its "
+                         "own size")
+    return hints
+
+
 def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                  batch_size: int | None = None, overwrite: bool = False, progress: bool = False,
                  on_outcome: Callable[[Outcome], None] | None = None,
@@ -204,6 +239,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
     say = report or (lambda line: tqdm.write(line, file=sys.stderr))
     outcomes: list[Outcome | None] = [None] * len(items)
     stats = CompileStats()
+    hints: list[str] = []
     start = time.perf_counter()
 
     def finish(index: int, outcome: Outcome) -> None:
@@ -239,6 +275,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
             model = load_model(model_name, weights)
             # tiles > 0: the tile engine (jaxdream.tiles), one program for every size.
             engine = make_engine(model, key, batch_size or default_batch_size())
+            sizes: set[tuple[int, int]] = set()
             for chunk in _chunks(todo, CHUNK):
                 images: list[np.ndarray] = []
                 loaded: list[int] = []
@@ -252,6 +289,7 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                         images.append(image[0])
                         digests.append(image[1])
                         loaded.append(index)
+                sizes.update(image.shape[:2] for image in images)
                 params = [item_params(items[index].recipe) for index in loaded]
                 batch_start = time.perf_counter()
                 for slot, result in engine.render_iter(images, params):
@@ -262,10 +300,11 @@ def render_items(items: Sequence[WorkItem], *, weights: str | None = None,
                     batch_start = time.perf_counter()
                     bar.update(1)
             stats.add(engine.stats)
+            hints += speed_hints(key, sizes, engine.stats, jax.default_backend())
     finally:
         bar.close()
     return Report([outcome for outcome in outcomes if outcome is not None], stats,
-                  time.perf_counter() - start)
+                  time.perf_counter() - start, hints=list(dict.fromkeys(hints)))
 
 
 def _write(item: WorkItem, result: np.ndarray, model: Any, seconds: float,

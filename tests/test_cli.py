@@ -99,18 +99,45 @@ def test_an_exact_size_recipe_renders_again_identically(
     # --shape-bucket 1 dreams chelsea (64x43 here) at its own size, not in a 64x64 buffer: the
     # recipe says so, re-renders the same pixels, and the padded default dreams other ones.
     photo = str(EXAMPLES / "chelsea.jpg")
-    assert main(["dream", photo, "-o", str(tmp_path / "a"), "--shape-bucket", "1", *FAST]) == 0
+    loud = [arg for arg in FAST if arg != "-q"]
+    assert main(["dream", photo, "-o", str(tmp_path / "a"), "--shape-bucket", "1", *loud]) == 0
+    assert "hint:" not in capsys.readouterr().err
     exact = tmp_path / "a" / "chelsea_dream.png"
     assert read_recipe(exact)["shape_bucket"] == 1
     assert main(["dream", photo, "-o", str(tmp_path / "b"), "--recipe", str(exact), "-q"]) == 0
     again = tmp_path / "b" / "chelsea_dream.png"
     np.testing.assert_array_equal(_pixels(again), _pixels(exact))
     assert read_recipe(again) == read_recipe(exact)
-    assert main(["dream", photo, "-o", str(tmp_path / "c"), *FAST]) == 0
+    assert main(["dream", photo, "-o", str(tmp_path / "c"), *loud]) == 0
+    # The padded run says how to dream at the photo's size (not with -q, above).
+    assert ("hint: 64x43 photos were dreamed in a 64x64 buffer (49% more pixels); "
+            "--shape-bucket 1") in capsys.readouterr().err
     padded = tmp_path / "c" / "chelsea_dream.png"
     assert "shape_bucket" not in read_recipe(padded)  # 64: older recipes keep their JSON
     assert not np.array_equal(_pixels(padded), _pixels(exact))
     capsys.readouterr()
+
+
+def test_speed_hints_name_the_faster_engine_only_when_it_applies() -> None:
+    from jaxdream.engine import CompileStats
+    from jaxdream.render import speed_hints
+
+    settings = object()
+    cold = CompileStats(programs=3, compiled=3)
+    mixed = {(300, 400), (512, 384), (200, 512)}
+    # A cold folder of three buckets on a CPU: the tile engine; on a GPU, or warm: nothing.
+    (hint,) = speed_hints((settings, 0, 64), mixed, cold, "cpu")
+    assert hint.startswith("hint: 3 programs were compiled") and "--tiles 128" in hint
+    assert speed_hints((settings, 0, 64), mixed, cold, "gpu") == []
+    assert speed_hints((settings, 0, 64), mixed, CompileStats(programs=3, loaded=3), "cpu") == []
+    assert speed_hints((settings, 128, 0), mixed, cold, "cpu") == []  # already tiles
+    # Photos of one size: exact sizes if their buffer is at least 10% larger.
+    (hint,) = speed_hints((settings, 0, 64), {(400, 600)}, CompileStats(1, compiled=1), "cpu")
+    assert "600x400 photos were dreamed in a 640x448 buffer (19% more pixels)" in hint
+    assert speed_hints((settings, 0, 64), {(384, 512)}, CompileStats(1), "cpu") == []
+    assert speed_hints((settings, 0, 64), {(380, 512)}, CompileStats(1), "cpu") == []  # 1%
+    assert speed_hints((settings, 0, 1), {(400, 600)}, CompileStats(1), "cpu") == []
+    assert speed_hints((settings, 0, 64), set(), cold, "cpu") == []  # nothing dreamed
 
 
 def test_outputs_never_overwrite_inputs_and_existing_outputs_are_kept(
