@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdream import program_cache
+from jaxdream.program_cache import CompileStats
 from jaxdream.ascent import SampleParams, StaticSettings, dream, octave_shapes
 from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
@@ -120,40 +121,6 @@ def item_params(recipe: Recipe) -> ItemParams:
     return ItemParams(step_size=float(recipe.step_size), jitter=recipe.jitter, seed=recipe.seed,
                       layer_weights=tuple(float(w) for _, w in recipe.layers),
                       channels=recipe.channels, guide=recipe.guide)
-
-
-@dataclasses.dataclass
-class CompileStats:
-    #: Programs built in this process (lowered and compiled, or loaded from the disk cache).
-    programs: int = 0
-    seconds: float = 0.0
-    #: Of those, how many XLA compiled afresh (not found in the persistent cache).
-    compiled: int = 0
-    #: Of those, how many were loaded as executables, with no tracing (see program_cache).
-    loaded: int = 0
-
-    def add(self, other: CompileStats) -> None:
-        self.programs += other.programs
-        self.seconds += other.seconds
-        self.compiled += other.compiled
-        self.loaded += other.loaded
-
-    def describe(self) -> str:
-        cached = self.programs - self.compiled - self.loaded
-        return (f"{self.programs} program(s) in {self.seconds:.1f} s ({self.compiled} compiled, "
-                f"{cached} from the compilation cache, {self.loaded} loaded untraced)")
-
-
-_cache_hits = 0
-
-
-def _count_hits(event: str, **kwargs: Any) -> None:
-    global _cache_hits
-    if event == "/jax/compilation_cache/cache_hits":
-        _cache_hits += 1
-
-
-jax.monitoring.register_event_listener(_count_hits)
 
 
 def bucket_shape(height: int, width: int, bucket: int) -> tuple[int, int]:
@@ -372,7 +339,7 @@ class Engine:
 
     def _build(self, key: tuple[Any, ...], images: Any, params: Any) -> Any:
         start = time.perf_counter()
-        hits = _cache_hits
+        hits = program_cache.cache_hits()
 
         def lower() -> Any:
             return _jitted(self._graphdef, self.settings, self.compute_dtype).lower(
@@ -392,8 +359,9 @@ class Engine:
             self.stats.loaded += loaded
             # Compilation-cache hits are counted process-wide: with builders running at
             # once, one may see another's hit (only this count can be off, never a program).
-            self.stats.compiled += 0 if loaded else max(0, 1 - (_cache_hits - hits))
-            self.stats.seconds += time.perf_counter() - start
+            self.stats.compiled += 0 if loaded else max(
+                0, 1 - (program_cache.cache_hits() - hits))
+            self.stats.spans.append((start, time.perf_counter()))
         return program
 
     def _place(self, tree: Any) -> Any:

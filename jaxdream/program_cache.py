@@ -15,8 +15,10 @@ user's own cache root; never point either at a folder others can write).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
+import math
 import os
 import platform
 import re
@@ -29,6 +31,57 @@ import jax
 import jaxlib
 
 _directory: Path | None = None
+
+
+@dataclasses.dataclass
+class CompileStats:
+    #: Programs built in this process (lowered and compiled, or loaded from the disk cache).
+    programs: int = 0
+    #: Of those, how many XLA compiled afresh (not found in the persistent cache).
+    compiled: int = 0
+    #: Of those, how many were loaded as executables, with no tracing (see this module).
+    loaded: int = 0
+    #: (start, end) of each build, ``time.perf_counter()`` seconds; builder threads overlap.
+    spans: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds during which at least one program was being built (builds that ran
+        at once in threads count once; dreaming may have run beside them)."""
+        total, reached = 0.0, -math.inf
+        for start, end in sorted(self.spans):
+            if end > reached:
+                total += end - max(start, reached)
+                reached = end
+        return total
+
+    def add(self, other: CompileStats) -> None:
+        self.programs += other.programs
+        self.compiled += other.compiled
+        self.loaded += other.loaded
+        self.spans += other.spans
+
+    def describe(self) -> str:
+        cached = self.programs - self.compiled - self.loaded
+        return (f"{self.programs} program(s) in {self.seconds:.1f} s ({self.compiled} compiled, "
+                f"{cached} from the compilation cache, {self.loaded} loaded untraced)")
+
+
+_hits = 0
+
+
+def _count_hits(event: str, **kwargs: Any) -> None:
+    global _hits
+    if event == "/jax/compilation_cache/cache_hits":
+        _hits += 1
+
+
+jax.monitoring.register_event_listener(_count_hits)
+
+
+def cache_hits() -> int:
+    """Programs JAX's persistent compilation cache has served in this process so far."""
+    return _hits
 
 #: Stored programs kept (least recently used ones are deleted): each is a few MB, and every
 #: change to jaxdream's source gives new keys.

@@ -32,7 +32,8 @@ from flax import nnx
 from jaxdream import engine as engine_module
 from jaxdream import program_cache
 from jaxdream.ascent import StaticSettings, octave_shapes, tile_starts
-from jaxdream.engine import CompileStats, ItemParams
+from jaxdream.engine import ItemParams
+from jaxdream.program_cache import CompileStats
 from jaxdream.errors import ConfigError
 from jaxdream.models import LoadedModel
 from jaxdream.objectives import Term, TermParams, evaluate, term_params
@@ -229,14 +230,14 @@ class TileEngine:
             start = time.perf_counter()
             args = (self._weights, tiles, masks, terms)
             jitted = tile_program(self._graphdef, self._state_tree, self.settings.structure)
-            hits = engine_module._cache_hits
+            hits = program_cache.cache_hits()
             program, loaded = program_cache.load_or_compile(
                 program_cache.program_key("tiles", *key), args, lambda: jitted.lower(*args))
             _PROGRAMS[key] = program
             self.stats.programs += 1
             self.stats.loaded += loaded
-            self.stats.compiled += 0 if loaded else 1 - (engine_module._cache_hits - hits)
-            self.stats.seconds += time.perf_counter() - start
+            self.stats.compiled += 0 if loaded else 1 - (program_cache.cache_hits() - hits)
+            self.stats.spans.append((start, time.perf_counter()))
         return _PROGRAMS[key]
 
     def gradient_function(self, item: ItemParams) -> TileGrad:
