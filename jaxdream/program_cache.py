@@ -83,6 +83,7 @@ def cache_hits() -> int:
     """Programs JAX's persistent compilation cache has served in this process so far."""
     return _hits
 
+
 #: Stored programs kept (least recently used ones are deleted): each is a few MB, and every
 #: change to jaxdream's source gives new keys.
 MAX_STORED = 128
@@ -109,7 +110,7 @@ def compile_lowered(lowered: Any, options: dict[str, Any] | None = None) -> Any:
         try:
             return lowered.compile(compiler_options={**CPU_COMPILE_OPTIONS, **(options or {})})
         except Exception as error:  # JaxRuntimeError; its class moved between jax versions
-            if "compile option" not in str(error):
+            if "compile option" not in str(error) or options:  # options: the caller's to judge
                 raise
             _options_known = False
     return lowered.compile(compiler_options=options) if options else lowered.compile()
@@ -134,13 +135,19 @@ def _fresh_compile(lower: Callable[[], Any]) -> tuple[Any, bool]:
     """A compile that JAX's compilation cache neither serves nor keeps, and whether it was.
 
     An executable JAX loads from its cache serialises into a file that fails at run time
-    ("function ... not found"), so a program served from there could never be stored here:
-    after an upgrade of jaxdream that left a program's HLO as it was, every warm run traced
-    it again. Under :data:`_OWN_KEY`, written nowhere, every compile is XLA's own, and the
-    program lives in this store alone instead of in both.
+    ("function ... not found") or computes wrong numbers (tested), so a program served from
+    there could never be stored here: after an upgrade of jaxdream that left a program's HLO
+    as it was, every warm run traced it again. Under :data:`_OWN_KEY`, written nowhere, every
+    compile is XLA's own, and the program lives in this store alone instead of in both.
     """
     with _out_of_jax_cache() as kept_out:
-        return compile_lowered(lower(), _OWN_KEY if kept_out else None), kept_out
+        if kept_out:
+            try:
+                return compile_lowered(lower(), _OWN_KEY), True
+            except Exception as error:  # JaxRuntimeError: a jaxlib without that option
+                if "compile option" not in str(error):
+                    raise
+        return compile_lowered(lower()), False
 
 
 def set_directory(directory: str | os.PathLike[str] | None) -> None:

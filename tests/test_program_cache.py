@@ -130,6 +130,22 @@ def test_build_seconds_are_wall_time_with_overlapping_builds_counted_once() -> N
     assert "3 program(s) in 4.5 s (1 compiled, 2 from the compilation cache" in stats.describe()
 
 
+def test_a_jaxlib_without_the_stores_own_key_option_still_compiles(
+        store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(program_cache, "_OWN_KEY", {"xla_no_such_option": False})
+    monkeypatch.setattr(program_cache, "_options_known", True)
+    f = jax.jit(lambda w, x: jnp.tanh(x @ w) * 2.0)
+    w, x = jnp.eye(8), jnp.ones((8, 8))
+    program, loaded = program_cache.load_or_compile("k", (w, x), lambda: f.lower(w, x))
+    np.testing.assert_allclose(program(w, x), 2 * np.tanh(np.ones((8, 8))), rtol=1e-6)
+    # Compiled as JAX would (its cache may serve it), so not stored; the CPU options stay on.
+    assert not loaded and not list(store.glob("*.xla"))
+    assert program_cache._options_known
+
+
 UPGRADED = r"""
 import sys
 import jax, jax.numpy as jnp, numpy as np
