@@ -142,11 +142,14 @@ def _fresh_compile(lower: Callable[[], Any]) -> tuple[Any, bool]:
     """
     with _out_of_jax_cache() as kept_out:
         if kept_out:
+            hits = cache_hits()
             try:
-                return compile_lowered(lower(), _OWN_KEY), True
+                compiled = compile_lowered(lower(), _OWN_KEY)
             except Exception as error:  # JaxRuntimeError: a jaxlib without that option
                 if "compile option" not in str(error):
                     raise
+            else:  # served after all (or another thread's hit meanwhile): not stored
+                return compiled, cache_hits() == hits
         return compile_lowered(lower()), False
 
 

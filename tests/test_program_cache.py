@@ -148,6 +148,7 @@ def test_a_jaxlib_without_the_stores_own_key_option_still_compiles(
 
 UPGRADED = r"""
 import sys
+from pathlib import Path
 import jax, jax.numpy as jnp, numpy as np
 from jaxdream import engine, program_cache
 engine.enable_compilation_cache(sys.argv[1])
@@ -157,7 +158,10 @@ w, x = (jnp.asarray(np.random.default_rng(s).normal(size=(96, 96)), jnp.float32)
 hits = program_cache.cache_hits()
 program_cache.compile_lowered(f.lower(w, x))  # as an older jaxdream compiled it
 if sys.argv[2] == "new":
+    entries = {p.name for p in Path(sys.argv[1]).iterdir()}
     program, loaded = program_cache.load_or_compile("new-source", (w, x), lambda: f.lower(w, x))
+    # Nothing new in JAX's cache: a later store miss could never be served a program there.
+    assert {p.name for p in Path(sys.argv[1]).iterdir()} - entries <= {"jaxdream-programs"}
     stored = len(list((program_cache._directory).glob("*.xla")))
     again, loaded_again = program_cache.load_or_compile("new-source", (w, x), lambda: 1 / 0)
     print(program_cache.cache_hits() - hits, loaded, stored, loaded_again,
