@@ -42,6 +42,7 @@ from jaxdream.models.convert import load_state_dict_into
 from jaxdream.models.layers import Conv, Linear, build_abstract, cast_to_compute_dtype
 from jaxdream.models.pooling import max_pool
 
+
 def caffe_lrn(x: jax.Array, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
               beta: float = LRN_BETA, k: float = LRN_K) -> jax.Array:
     """Caffe's ACROSS_CHANNELS LRN on NHWC: ``x / (k + alpha / size * sum x^2) ** beta``, the
@@ -77,7 +78,7 @@ class CaffeGoogLeNet(nnx.Module):
                              padding=layer.pad, rngs=rngs))
         if config.classifier:
             self.loss3_classifier = Linear(_BY_NAME["pool5/7x7_s1"].channels,
-                                               config.num_classes, rngs=rngs)
+                                           config.num_classes, rngs=rngs)
 
     def endpoint_names(self) -> list[str]:
         return list(ENDPOINTS)

@@ -359,8 +359,8 @@ _ABSTRACT: contextvars.ContextVar[bool] = contextvars.ContextVar("abstract", def
 
 def build_abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
     """``build()`` with every weight a ``jax.ShapeDtypeStruct``, to be filled from a checkpoint:
-    the module ``nnx.eval_shape(build)`` gives, without tracing every layer's initialiser (half
-    a second of each command on 2 cores, README Speed). Every weight comes from this file."""
+    the module ``nnx.eval_shape(build)`` gives, without tracing every layer's initialiser
+    (0.1-0.2 s of each command on 2 cores, README Speed). Every weight comes from this file."""
     token = _ABSTRACT.set(True)
     try:
         return build()
