@@ -144,13 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_process() -> None:
-    """What the commands that run a model (dream, classify, animate, video) set up first: a
-    heap that keeps freed memory for the next XLA call (:mod:`jaxdream.heap`) and the disk
-    cache of compiled programs."""
+    """What the commands that run a model (dream, classify, animate, video) set up first: the
+    process's memory settings (a heap that keeps freed memory for the next XLA call, Python's
+    collector run less often: :func:`jaxdream.heap.set_up`) and the disk cache of compiled
+    programs."""
+    from jaxdream import heap
     from jaxdream.engine import use_disk_cache
-    from jaxdream.heap import keep_freed_memory
 
-    keep_freed_memory()
+    heap.set_up()
     use_disk_cache(lambda line: print(line, file=sys.stderr))
 
 

@@ -3,7 +3,9 @@ few tests where real weights matter, and CI's rule that nothing may be skipped."
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -23,6 +25,15 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _collector_thresholds() -> Iterator[None]:
+    # In-process CLI runs set the dreaming process's collector thresholds (jaxdream.heap);
+    # each test gets the test process's own back.
+    thresholds = gc.get_threshold()
+    yield
+    gc.set_threshold(*thresholds)
 EXAMPLES = ROOT / "examples"
 
 #: Three blocks (stride 1, 2, 2; kernels 3, 3, 5) so every code path of the real net is used.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -53,3 +54,12 @@ def test_freed_memory_is_kept_for_the_next_call_unless_opted_out(
     plain = program_cache.program_key("x")
     monkeypatch.setenv(heap.MALLOC_ENV, "system")
     assert program_cache.program_key("x") == plain
+
+
+def test_a_dreaming_process_collects_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tracing allocates millions of short-lived objects; the CLI's model commands and the
+    # workers raise the collector's thresholds (the conftest puts the test process's back).
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda: True)
+    gc.set_threshold(700, 10, 10)
+    heap.set_up()
+    assert gc.get_threshold() == heap.COLLECTOR_THRESHOLDS == (100_000, 50, 100)

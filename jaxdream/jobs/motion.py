@@ -59,11 +59,11 @@ class MotionWorker:
                  batch_size: int | None) -> None:
         if os.path.isdir(cwd):  # relative paths in a config mean the driver's folder
             os.chdir(cwd)
+        from jaxdream import heap
         from jaxdream.engine import use_disk_cache
-        from jaxdream.heap import keep_freed_memory
         from jaxdream.motion.common import Engines
 
-        keep_freed_memory()  # XLA's scratch memory is reused, not faulted in at every call
+        heap.set_up()  # XLA's scratch memory reused, Python's collector run less often
         use_disk_cache()  # a read-only home slows a worker down, it does not stop it
         self.recipe = recipe
         self.engines = Engines.load(recipe, weights, batch_size)

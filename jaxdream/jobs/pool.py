@@ -132,11 +132,11 @@ class DreamWorker:
         # environment) the worker's own copy of the project is the right place.
         if os.path.isdir(cwd):
             os.chdir(cwd)
+        from jaxdream import heap
         from jaxdream.engine import use_disk_cache
-        from jaxdream.heap import keep_freed_memory
         from jaxdream.models import load_model
 
-        keep_freed_memory()  # XLA's scratch memory is reused, not faulted in at every call
+        heap.set_up()  # XLA's scratch memory reused, Python's collector run less often
         use_disk_cache()  # a read-only home slows a worker down, it does not stop it
         import jax
 
