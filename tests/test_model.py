@@ -210,14 +210,17 @@ def test_an_abstract_build_is_what_eval_shape_gives(name: str) -> None:
     # load_model builds with build_abstract (no initialiser traced): the same graph, the same
     # shapes and dtypes, and no array anywhere, so every weight must come from the checkpoint.
     build = MODELS[name].build
-    graph, state = nnx.split(L.build_abstract(lambda: build(nnx.Rngs(0))))
+    graph, state = nnx.split(L.build_abstract(build))
     want_graph, want_state = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
     assert graph == want_graph
     assert jax.tree.structure(state) == jax.tree.structure(want_state)
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(want_state), strict=True):
         assert isinstance(got, jax.ShapeDtypeStruct), type(got)
         assert (got.shape, got.dtype) == (want.shape, want.dtype)
-    # The flag does not outlive the build: a plain build has arrays again.
+    # No weight is drawn at random there, and the flag does not outlive the build: a plain
+    # build has arrays again.
+    with pytest.raises(RuntimeError, match="drawn at random in an abstract build"):
+        L.build_abstract(lambda rngs: nnx.Linear(2, 3, rngs=rngs))
     assert all(isinstance(leaf, jax.Array)
                for leaf in jax.tree.leaves(nnx.state(L.ConvBN(3, 4, 3, rngs=nnx.Rngs(0)))))
 

@@ -38,8 +38,6 @@ class LoadedModel:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedModel:
-    from flax import nnx
-
     from jaxdream.models.checkpoint import load_state_dict, sha256_file
     from jaxdream.models.convert import check_shapes_fit, load_state_dict_into
     from jaxdream.models.layers import build_abstract
@@ -49,7 +47,7 @@ def _load_cached(name: str, weights: str, mtime_ns: int, size: int) -> LoadedMod
         return LoadedModel(spec, spec.load(weights), Path(weights), sha256_file(weights))
     # Built abstractly: random initialisation op by op costs seconds on CPU, and every value
     # is overwritten by the checkpoint anyway.
-    module = build_abstract(lambda: spec.build(nnx.Rngs(0)))
+    module = build_abstract(spec.build)
     source = f"weights file {weights}"
     # Names and shapes are compared before any tensor data is read: a wrong or hostile file
     # is refused at the cost of its pickle, and never allocates more than the model needs.

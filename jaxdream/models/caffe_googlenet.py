@@ -156,7 +156,7 @@ def load(path: str | Path, config: CaffeGoogLeNetConfig, model: str = "model") -
         ranks = {key: len(t) if t else 1 for _, key, t in key_map(config, "caffe")}
         state, naming = state_dict(read_caffemodel(path), ranks), "caffe"
     _check_class_count(state, config, source, model)
-    module = build_abstract(lambda: CaffeGoogLeNet(config, rngs=nnx.Rngs(0)))
+    module = build_abstract(lambda rngs: CaffeGoogLeNet(config, rngs=rngs))
     load_state_dict_into(module, state, key_map(config, naming), ignore=ignored_key,
                          source=source)
     return module
