@@ -25,6 +25,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def _collector_thresholds() -> Iterator[None]:
     thresholds = gc.get_threshold()
     yield
     gc.set_threshold(*thresholds)
-EXAMPLES = ROOT / "examples"
+
 
 #: Three blocks (stride 1, 2, 2; kernels 3, 3, 5) so every code path of the real net is used.
 TINY_CONFIG = LiteConfig(stem_channels=8, head_channels=16, num_classes=10,
