@@ -140,17 +140,18 @@ def _fresh_compile(lower: Callable[[], Any]) -> tuple[Any, bool]:
     as it was, every warm run traced it again. Under :data:`_OWN_KEY`, written nowhere, every
     compile is XLA's own, and the program lives in this store alone instead of in both.
     """
+    lowered = lower()  # traced once, whichever compile follows
     with _out_of_jax_cache() as kept_out:
         if kept_out:
             hits = cache_hits()
             try:
-                compiled = compile_lowered(lower(), _OWN_KEY)
+                compiled = compile_lowered(lowered, _OWN_KEY)
             except Exception as error:  # JaxRuntimeError: a jaxlib without that option
                 if "compile option" not in str(error):
                     raise
-            else:  # served after all (or another thread's hit meanwhile): not stored
+            else:  # a hit meanwhile (served after all, or another thread's): not stored
                 return compiled, cache_hits() == hits
-        return compile_lowered(lower()), False
+        return compile_lowered(lowered), False
 
 
 def set_directory(directory: str | os.PathLike[str] | None) -> None:
