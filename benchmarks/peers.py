@@ -7,6 +7,7 @@
     python benchmarks/peers.py --jobs mixed --tiles 128 --tiles-only --before COMMIT
                                                      # tile engine, new against old
     python benchmarks/peers.py --jobs vgg16,one --exact  # also photos at their exact size
+    python benchmarks/peers.py --jobs lite0 --tiles 128 --rounds 3  # medians of 3 rounds
 
 Every figure is a whole process (or one process per photo, as the peer's README runs it), timed
 from outside, on the same photos with the same settings; jaxdream runs "cold" (an empty cache
@@ -41,11 +42,13 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,6 +63,15 @@ PEER_MIRROR = Path("/work/.mirror/gordicaleksa+pytorch-deepdream/repo")
 PEER_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "opencv-python-headless", "numpy",
                  "scipy", "matplotlib", "imageio"]
 JOBS = ("googlenet", "vgg16", "lite0", "one", "mixed")
+
+
+class Result(NamedTuple):
+    """One jaxdream run of one job in one round, with the peer's time of that round."""
+    work: str
+    label: str
+    seconds: float
+    peer_name: str
+    peer_seconds: float
 
 
 def load() -> str:
@@ -243,18 +255,36 @@ def run_eager_lite0(inputs: list[Path], max_side: int, out: Path) -> float:
 
 # ------------------------------------------------------------------------------------ jobs
 def compare(name: str, work: str, peer_name: str, peer_seconds: float,
-            jax_runs: list[tuple[str, float, str]], rows: list[str]) -> None:
+            jax_runs: list[tuple[str, float, str]], results: list[Result],
+            round_tag: str = "") -> None:
     now = {label: seconds for label, seconds, _ in jax_runs}
     for label, seconds, built in jax_runs:
+        results.append(Result(work, label, seconds, peer_name, peer_seconds))
         ratio = "-" if peer_seconds != peer_seconds else f"{seconds / peer_seconds:.2f}"
         if " " in label and not label.startswith("--"):  # an older jaxdream (--before):
             # also say how much faster now is
             ratio += f" (now / this: {now[label.split(' ', 1)[1]] / seconds:.2f})"
         peer = "not run" if peer_seconds != peer_seconds else f"{peer_seconds:.1f} s"
-        line = (f"| {work} | {label} | {seconds:.1f} s | {peer_name}: {peer} | "
-                f"{ratio} | {built} | {load()} |")
-        print(line, flush=True)
-        rows.append(line)
+        print(f"| {work} | {label}{round_tag} | {seconds:.1f} s | {peer_name}: {peer} | "
+              f"{ratio} | {built} | {load()} |", flush=True)
+
+
+def print_medians(results: list[Result]) -> None:
+    """One row per job and jaxdream run: the median over rounds of its time, of the peer's and
+    of their same-round ratio (each ratio is taken within its round, then the median)."""
+    grouped: dict[tuple[str, str], list[Result]] = {}
+    for result in results:
+        grouped.setdefault((result.work, result.label), []).append(result)
+    print(f"\nmedians over {max(len(v) for v in grouped.values())} rounds (each ratio is "
+          "jaxdream over the peer of the same round):")
+    print("| job | jaxdream run | jaxdream | peer | jaxdream / peer | the rounds' ratios |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for (work, label), rows in grouped.items():
+        ratios = [r.seconds / r.peer_seconds for r in rows]
+        print(f"| {work} | {label} | {statistics.median(r.seconds for r in rows):.1f} s | "
+              f"{rows[0].peer_name}: {statistics.median(r.peer_seconds for r in rows):.1f} s "
+              f"| {statistics.median(ratios):.2f} | {', '.join(f'{x:.2f}' for x in ratios)} |",
+              flush=True)
 
 
 def main() -> None:
@@ -280,6 +310,11 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true",
                         help="also time every job with --shape-bucket 1 (each photo dreamed "
                              "at its exact size, no bucket padding), cold and warm")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="run every job N times in turn (the peer, then jaxdream cold and "
+                             "warm, each round with fresh caches) and end with each run's "
+                             "median time and median same-round ratio: this machine's noise "
+                             "moves single runs by 10-30%%")
     parser.add_argument("--smoke", action="store_true",
                         help="one photo per job: checks the set-up, times nothing useful")
     args = parser.parse_args()
@@ -318,8 +353,8 @@ def main() -> None:
                                               work / f"{name}_out", root)
                 runs.append((tag + label, seconds, built))
         return runs
-    work = Path(tempfile.mkdtemp(prefix="peers-"))
-    rows: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="peers-"))
+    results: list[Result] = []
     print("| job | jaxdream run | jaxdream | peer | jaxdream / peer | programs built | "
           "load (1, 5, 15 min) |")
     print("| --- | --- | ---: | ---: | ---: | --- | --- |")
@@ -327,46 +362,55 @@ def main() -> None:
         if {"googlenet", "vgg16"} & set(jobs):
             tree = setup_peer(args.scratch, args.peer_source)
             weights = random_checkpoints(args.scratch)
-        for model, layer, peer_model, peer_layer, count in [
-                ("googlenet", "inception4c", "GOOGLENET", "inception4c", 8),
-                ("vgg16", "conv4_3", "VGG16", "relu4_3", 4)]:
-            if model not in jobs:
-                continue
-            photos = make_photos(work / f"{model}_in", few([(600, 400)] * count))
-            peer = (float("nan") if args.no_peer
-                    else run_peer(tree, args.scratch, photos, peer_model, peer_layer))
-            flags = ["--model", model, "--weights", str(weights[model]), "--layers", layer,
-                     "--preset", "smooth", "--octaves", "4", "--octave-scale", "1.8",
-                     "--max-side", "600"]
-            runs = jaxdream_runs(photos, flags, model)
-            compare(model, f"{model} {layer}, {count} photos 600x400, smooth, 4 octaves x 1.8",
-                    "pytorch-deepdream, a process per photo", peer, runs, rows)
-        lite_jobs = []
-        if "lite0" in jobs:
-            lite_jobs.append(("lite0", "Lite0 block10, 8 photos 512x384, classic",
-                              [(512, 384)] * 8, 1024))
-        if "one" in jobs:
-            lite_jobs.append(("one", "one photo (examples/chelsea.jpg), classic Lite0",
-                              None, 1024))
-        if "mixed" in jobs:
-            rng = np.random.default_rng(1)
-            lite_jobs.append(("mixed", "24 photos of 300-800 px, max side 512, classic Lite0",
-                              [tuple(int(v) for v in rng.integers(300, 801, 2))
-                               for _ in range(24)], 512))
-        if args.big:
-            rng = np.random.default_rng(2)
-            lite_jobs.append(("mixed100", "100 photos of 200-1600 px, max side 1024, classic "
-                              "Lite0", [tuple(int(v) for v in rng.integers(200, 1601, 2))
-                                        for _ in range(100)], 1024))
-        for name, description, sizes, max_side in lite_jobs:
-            photos = ([REPO / "examples" / "chelsea.jpg"] if sizes is None
-                      else make_photos(work / f"{name}_in", few(sizes)))
-            eager = (float("nan") if args.no_peer
-                     else run_eager_lite0(photos, max_side, work / f"{name}_eager"))
-            runs = jaxdream_runs(photos, ["--max-side", str(max_side)], name, args.tiles)
-            compare(name, description, "eager PyTorch, one process", eager, runs, rows)
+        for round_index in range(args.rounds):
+            # Fresh photos folder and caches each round: every round's "cold" is cold.
+            work = base / f"round{round_index}"
+            work.mkdir()
+            round_tag = f" (round {round_index + 1})" if args.rounds > 1 else ""
+            for model, layer, peer_model, peer_layer, count in [
+                    ("googlenet", "inception4c", "GOOGLENET", "inception4c", 8),
+                    ("vgg16", "conv4_3", "VGG16", "relu4_3", 4)]:
+                if model not in jobs:
+                    continue
+                photos = make_photos(work / f"{model}_in", few([(600, 400)] * count))
+                peer = (float("nan") if args.no_peer
+                        else run_peer(tree, args.scratch, photos, peer_model, peer_layer))
+                flags = ["--model", model, "--weights", str(weights[model]), "--layers", layer,
+                         "--preset", "smooth", "--octaves", "4", "--octave-scale", "1.8",
+                         "--max-side", "600"]
+                runs = jaxdream_runs(photos, flags, model)
+                compare(model, f"{model} {layer}, {count} photos 600x400, smooth, 4 octaves "
+                        "x 1.8", "pytorch-deepdream, a process per photo", peer, runs, results,
+                        round_tag)
+            lite_jobs = []
+            if "lite0" in jobs:
+                lite_jobs.append(("lite0", "Lite0 block10, 8 photos 512x384, classic",
+                                  [(512, 384)] * 8, 1024))
+            if "one" in jobs:
+                lite_jobs.append(("one", "one photo (examples/chelsea.jpg), classic Lite0",
+                                  None, 1024))
+            if "mixed" in jobs:
+                rng = np.random.default_rng(1)
+                lite_jobs.append(("mixed", "24 photos of 300-800 px, max side 512, classic Lite0",
+                                  [tuple(int(v) for v in rng.integers(300, 801, 2))
+                                   for _ in range(24)], 512))
+            if args.big:
+                rng = np.random.default_rng(2)
+                lite_jobs.append(("mixed100", "100 photos of 200-1600 px, max side 1024, classic "
+                                  "Lite0", [tuple(int(v) for v in rng.integers(200, 1601, 2))
+                                            for _ in range(100)], 1024))
+            for name, description, sizes, max_side in lite_jobs:
+                photos = ([REPO / "examples" / "chelsea.jpg"] if sizes is None
+                          else make_photos(work / f"{name}_in", few(sizes)))
+                eager = (float("nan") if args.no_peer
+                         else run_eager_lite0(photos, max_side, work / f"{name}_eager"))
+                runs = jaxdream_runs(photos, ["--max-side", str(max_side)], name, args.tiles)
+                compare(name, description, "eager PyTorch, one process", eager, runs, results,
+                        round_tag)
+        if args.rounds > 1:
+            print_medians(results)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
     print(f"load at end {load()}")
 
 
