@@ -318,6 +318,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="one photo per job: checks the set-up, times nothing useful")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     jobs = args.jobs.split(",")
     few = (lambda sizes: sizes[:1]) if args.smoke else (lambda sizes: sizes)
 
