@@ -236,7 +236,9 @@ class TileEngine:
             _PROGRAMS[key] = program
             self.stats.programs += 1
             self.stats.loaded += loaded
-            self.stats.compiled += 0 if loaded else 1 - (program_cache.cache_hits() - hits)
+            # Hits are counted process-wide, as in the engine: never below zero here.
+            self.stats.compiled += 0 if loaded else max(
+                0, 1 - (program_cache.cache_hits() - hits))
             self.stats.spans.append((start, time.perf_counter()))
         return _PROGRAMS[key]
 
